@@ -1,0 +1,108 @@
+"""TFDS builder `reco_folder`: a user's own segmentation dataset from a plain folder.
+
+Layout of the folder (the manual dir):
+  images/<stem>.jpg or .png   RGB images (grey or palette images are converted to RGB)
+  labels/<stem>.png           class ids, same size as the image, 255 = void (8-bit grayscale
+                              or palette PNG; palette indices are the class ids)
+  train.txt, val.txt          stems of the `train` and `validation` images, one per line
+  classes.txt                 one class name per line; line i names class id i
+
+Images keep their size and are stored as PNG (the pixels PIL decodes). Class names go into
+the dataset metadata (`reco_jax.data.base.class_names(builder)`).
+
+Building and using it:
+  1. Lay the files out as above, e.g. in /data/mine.
+  2. Build once, into a data dir of its own, since TFDS caches by builder name and version and
+     every folder dataset is called `reco_folder`:
+       reco_jax.data.base.prepare('reco_folder', data_dir='/data/mine_tfds',
+                                  manual_dir='/data/mine')
+     or let training build it on first use with the config fields
+       --config.dataset=reco_folder --config.data_dir=/data/mine_tfds
+       --config.manual_dir=/data/mine --config.num_classes=<lines of classes.txt>
+  3. Later runs only need data_dir. To rebuild after changing the files, delete
+     <data_dir>/reco_folder (an existing build is reused without reading the folder again).
+"""
+from etils import epath
+import tensorflow_datasets as tfds
+
+from reco_jax.data import base
+from reco_jax.data import raw_io
+
+_INSTRUCTIONS = """\
+reco_folder expects in its manual dir:
+  images/<stem>.jpg or images/<stem>.png   e.g. images/street_001.jpg
+  labels/<stem>.png                        e.g. labels/street_001.png (class ids, 255 = void)
+  train.txt, val.txt                       image stems, one per line, e.g. street_001
+  classes.txt                              class names, one per line (line i = class id i)
+See the reco_jax.data.folder module docstring for how to build and use it.
+"""
+
+_SPLITS = {'train': 'train.txt', 'validation': 'val.txt'}
+_FILES = ('classes.txt',) + tuple(_SPLITS.values())
+
+
+def read_class_names(root: epath.Path) -> tuple[str, ...]:
+  """Class names from `root/classes.txt`, index = class id; at most 255 (255 is void)."""
+  names = tuple(line.strip() for line in (root / 'classes.txt').read_text().splitlines()
+                if line.strip())
+  if not names or len(names) > base.VOID:
+    raise ValueError(f'reco_folder: {root / "classes.txt"} names {len(names)} classes; expected '
+                     f'1 to {base.VOID}, one per line (class id {base.VOID} is void).')
+  raw_io.check_unique(names, 'classes.txt', 'reco_folder')
+  return names
+
+
+class RecoFolder(tfds.core.GeneratorBasedBuilder):
+  """A user's folder of images and PNG masks, with train/val lists and class names."""
+
+  name = 'reco_folder'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Class names are unknown until the folder is read; _split_generators fills them in and
+    # they are saved with the prepared dataset.
+    return base.dataset_info(
+        self, description='A user-provided semantic segmentation dataset (reco_folder layout).',
+        class_names=())
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = raw_io.manual_dir(dl_manager, self.name, _INSTRUCTIONS)
+    raw_io.require_dirs(root, ('images', 'labels'), self.name, _INSTRUCTIONS)
+    raw_io.raise_if_missing([f for f in _FILES if not (root / f).exists()], len(_FILES),
+                            'list files', self.name, _INSTRUCTIONS)
+    names = read_class_names(root)
+    self.info.metadata['class_names'] = list(names)
+
+    images = raw_io.list_files(root / 'images', ('.jpg', '.jpeg', '.png'))
+    stems = [p.name[:p.name.rfind('.')] for p in (root / 'images').iterdir()
+             if p.name.lower().endswith(('.jpg', '.jpeg', '.png'))]
+    raw_io.check_unique(stems, 'images/ (one image per stem: not both .jpg and .png)',
+                        self.name)
+    labels = raw_io.list_files(root / 'labels', ('.png',))
+    generators = {}
+    for split, filename in _SPLITS.items():
+      ids = raw_io.read_id_list(root, filename)
+      if not ids:
+        raise ValueError(f'{self.name}: {root / filename} is empty; list the image stems of the '
+                         f'{split} split, one per line.')
+      raw_io.check_unique(ids, filename, self.name)
+      missing = ([f'images/{i}.jpg (or .png)' for i in ids if i not in images] +
+                 [f'labels/{i}.png' for i in ids if i not in labels])
+      raw_io.raise_if_missing(missing, 2 * len(ids), f'files of the {split} split ({filename})',
+                              self.name, _INSTRUCTIONS)
+      generators[split] = self._generate_examples(
+          [(i, images[i], labels[i], len(names)) for i in ids])
+    return generators
+
+  def _generate_examples(self, items: list[tuple[str, epath.Path, epath.Path, int]]):
+    yield from raw_io.ordered_map(_load, items)
+
+
+def _load(item: tuple[str, epath.Path, epath.Path, int]) -> tuple[str, dict]:
+  image_id, image_path, label_path, num_classes = item
+  image = raw_io.read_rgb(image_path)
+  label = raw_io.read_label(label_path)
+  example = base.make_example(image_id, image, label, num_classes)
+  return image_id, raw_io.encode_example(example)
