@@ -1,0 +1,142 @@
+"""Train state (student, Mean Teacher, optimiser) and the reference optimiser schedule."""
+from collections.abc import Callable, Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+# The reference steps its PolyLR once per epoch for 200 epochs of equal length (40k iterations
+# = 200 x 200), so the learning rate is constant within each two-hundredth of training.
+REFERENCE_DECAY_EPOCHS = 200
+_FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+class TrainState(struct.PyTreeNode):
+  """Student, teacher and optimiser state; a pytree with the model and optimiser as static fields.
+
+  step: int32 scalar, number of optimiser updates done.
+  params / batch_stats: the student's variables.
+  ema_params / ema_batch_stats: the Mean Teacher. Its parameters are the EMA of the student's;
+    its BatchNorm running statistics are its own, updated when it runs in training mode on the
+    unlabelled batch (the reference's EMA averages parameters only, never buffers).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  ema_params: Any
+  ema_batch_stats: Any
+  apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+  def student_variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  def teacher_variables(self) -> dict:
+    return {'params': self.ema_params, 'batch_stats': self.ema_batch_stats}
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Polynomial decay exactly as the reference's PolyLR, stepped per epoch.
+
+  lr(step) = max(base * (1 - epoch / E) ** power, min_lr) with E = 200 epochs (or
+  config.optimizer.decay_epochs) and epoch = floor(step * E / config.num_train_steps), so
+  at 40k steps the rate changes every 200 steps like the reference. When num_train_steps < E
+  every step is its own epoch (plain per-step polynomial decay).
+  """
+  opt = config.optimizer
+  base, power, floor = float(opt.learning_rate), float(opt.poly_power), float(
+      opt.min_learning_rate)
+  total = int(config.num_train_steps)
+  if total <= 0:
+    raise ValueError(f'config.num_train_steps must be positive, got {total}.')
+  epochs = min(int(opt.get('decay_epochs', REFERENCE_DECAY_EPOCHS)), total)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.int32)
+    # Integer arithmetic keeps the epoch boundaries exact (no float rounding at 200, 400, ...).
+    epoch = step * epochs // total
+    frac = jnp.clip(1.0 - epoch.astype(jnp.float32) / epochs, 0.0, 1.0)
+    return jnp.maximum(base * frac ** power, floor).astype(jnp.float32)
+
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """PyTorch-style SGD: weight decay added to the gradient, then Nesterov momentum, then lr.
+
+  Matches torch.optim.SGD(weight_decay=wd, momentum=m, nesterov=True) over all parameters:
+  g' = g + wd * p; buf = m * buf + g'; p -= lr * (g' + m * buf).
+  """
+  opt = config.optimizer
+  return optax.chain(
+      optax.add_decayed_weights(float(opt.weight_decay)),
+      optax.sgd(learning_rate_schedule(config), momentum=float(opt.momentum),
+                nesterov=bool(opt.nesterov)),
+  )
+
+
+def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
+  """Teacher decay min(1 - 1 / (t + 1), max_decay), t = number of earlier EMA updates.
+
+  As the reference's EMA class: the first update (t = 0) copies the student.
+  """
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(1.0 - 1.0 / (t + 1.0), max_decay)
+
+
+def update_teacher(ema_params, params, step: jax.Array, max_decay: float):
+  """ema <- decay * ema + (1 - decay) * params, with decay = ema_decay(step, max_decay)."""
+  decay = ema_decay(step, max_decay)
+  return optax.incremental_update(params, ema_params, step_size=1.0 - decay)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array,
+                       image_shape: Sequence[int], mesh: jax.sharding.Mesh | None = None
+                       ) -> TrainState:
+  """Initialises the student (from config.init_weights when set), its optimiser and teacher.
+
+  image_shape: (H, W, 3) or (B, H, W, 3) of a training input; only its size matters.
+  key: a jax.random key for the random initialisation.
+  mesh: when given, every leaf is placed replicated on it.
+  The teacher starts as a copy of the student (separate buffers, so the state can be donated).
+  """
+  shape = tuple(int(s) for s in image_shape)
+  if len(shape) == 3:
+    shape = (1,) + shape
+  if len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f'image_shape must be (H, W, 3) or (B, H, W, 3), got {image_shape}.')
+  dummy = jnp.zeros(shape, jnp.float32)
+  init = jax.jit(functools.partial(model.init, train=False)).lower(key, dummy)
+  # Initialisation runs once and, on CPU, compiling its many random-number generators
+  # optimised takes far longer than running them unoptimised.
+  options = _FAST_COMPILE if jax.default_backend() == 'cpu' else None
+  variables = init.compile(options)(key, dummy)
+  variables = dict(variables)
+  if 'batch_stats' not in variables:
+    variables['batch_stats'] = {}
+  init_weights = config.get('init_weights', '')
+  if init_weights:
+    from reco_jax.models import convert  # torch/safetensors readers only when needed
+    variables = dict(convert.load_initial_weights(init_weights, variables))
+  tx = make_optimizer(config)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      ema_params=copy(params),
+      ema_batch_stats=copy(batch_stats),
+      apply_fn=model.apply,
+      tx=tx,
+  )
+  if mesh is not None:
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return state

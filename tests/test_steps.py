@@ -1,0 +1,303 @@
+"""Training and eval steps with a tiny DeepLabV3+ on 33x33 images and three classes.
+
+Step functions are compiled with XLA's cheap optimisation level: on a small CPU the compile
+dominates these tests, and the values checked do not depend on it.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from reco_jax import parallel
+from reco_jax import state as state_lib
+from reco_jax import steps
+from reco_jax.losses import segmentation
+from reco_jax.models import deeplab
+from reco_jax.models import resize
+from reco_jax.semi import augment
+from reco_jax.semi import mixing
+
+NUM_CLASSES = 3
+SIZE = 33
+BATCH = 4
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict({
+      'num_classes': NUM_CLASSES, 'partial': '', 'batch_size': BATCH,
+      'method': 'classmix', 'reco': False, 'init_weights': '',
+      'optimizer': {'learning_rate': 2.5e-3, 'momentum': 0.9, 'nesterov': True,
+                    'weight_decay': 5e-4, 'poly_power': 0.9, 'min_learning_rate': 1e-6},
+      'num_train_steps': 100, 'ema_decay': 0.99,
+      # Low thresholds: an untrained 3-class model is rarely 97% sure of anything.
+      'strong_threshold': 0.5, 'weak_threshold': 0.4,
+      'reco_temperature': 0.5, 'num_queries': 8, 'num_negatives': 16,
+      'query_mode': 'hard', 'key_mode': 'active', 'average_prototypes': False,
+  })
+  config.update(overrides)
+  return config
+
+
+def tiny_model():
+  return deeplab.DeepLabV3Plus(num_classes=NUM_CLASSES, backbone='resnet_tiny', rep_dim=8,
+                               aspp_dim=8, low_level_dim=4, head_dim=8)
+
+
+def make_batch(seed=0, partial=False, batch=BATCH, supervised=False):
+  """Images whose label shows in their colour, so that training can fit it."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(2 * batch, SIZE, SIZE, 3)).astype(np.float32)
+  coarse = rng.integers(0, NUM_CLASSES, (2 * batch, 3, 3))
+  labels = np.repeat(np.repeat(coarse, 11, axis=1), 11, axis=2).astype(np.int32)
+  images[..., 0] += 2.0 * labels
+  labels[:batch, :2] = 255  # some void
+  out = {'labelled': {'image': images[:batch], 'label': labels[:batch]},
+         'unlabelled': {'image': images[batch:]}}
+  if partial:
+    part = np.full_like(labels[batch:], 255)
+    part[:, ::5, ::5] = labels[batch:, ::5, ::5]
+    out['unlabelled']['label'] = part
+  if supervised:
+    out.pop('unlabelled')
+  return out
+
+
+_COMPILED = {}
+
+
+def compile_step(config, model, mesh, state, batch, key):
+  """The compiled train step, shared by the tests (and test files) that use the same setup."""
+  cache_key = (config.to_json(), tuple(d.id for d in mesh.devices.flat),
+               jax.tree.structure((state, batch)))
+  if cache_key not in _COMPILED:
+    _COMPILED[cache_key] = steps.make_train_step(config, model, mesh).lower(
+        state, batch, key).compile(FAST_COMPILE)
+  return _COMPILED[cache_key]
+
+
+def max_abs_diff(a, b):
+  return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def leaves_close(a, b, **kw):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return parallel.make_mesh(jax.devices()[:1])
+
+
+@functools.cache
+def shared_model_and_state():
+  """One tiny model and its initial state (on one device) for all step tests."""
+  model = tiny_model()
+  state = state_lib.create_train_state(tiny_config(), model, jax.random.key(0),
+                                       (SIZE, SIZE, 3), mesh=parallel.make_mesh(jax.devices()[:1]))
+  return model, state
+
+
+@pytest.fixture(scope='module')
+def model():
+  return shared_model_and_state()[0]
+
+
+@pytest.fixture(scope='module')
+def initial_state():
+  return shared_model_and_state()[1]
+
+
+@pytest.fixture
+def state(initial_state):
+  # Steps donate their input state: hand each test its own buffers.
+  return jax.tree.map(jnp.copy, initial_state)
+
+
+def run_steps(step, state, batch, key, num_steps):
+  history = []
+  for _ in range(num_steps):
+    state, metrics = step(state, batch, key)
+    history.append({k: float(v) for k, v in metrics.items()})
+  return state, history
+
+
+def check_training(config, init, state, history):
+  """What every method must show after a few steps from `init` (a numpy copy of the state)."""
+  for m in history:
+    assert all(np.isfinite(v) for v in m.values()), m
+    assert m['loss'] == pytest.approx(m['sup_loss'] + m['unsup_loss'] + m['reco_loss'],
+                                      rel=1e-5)
+  assert int(state.step) == len(history)
+  base = config.optimizer.learning_rate
+  assert [m['learning_rate'] for m in history] == pytest.approx(
+      [base * (1 - t / 100) ** 0.9 for t in range(len(history))], rel=1e-5)
+  assert max_abs_diff(init.params, state.params) > 1e-4
+  assert max_abs_diff(init.batch_stats, state.batch_stats) > 1e-4
+  if config.reco:
+    assert all(m['reco_loss'] > 0 for m in history)
+  else:
+    assert all(m['reco_loss'] == 0 for m in history)
+  if config.method == 'supervised':
+    assert all(m['unsup_loss'] == 0 for m in history)
+    return
+  assert all(m['unsup_loss'] > 0 for m in history)
+  assert all(0 < m['pseudo_confidence'] <= 1 and 0 <= m['confident_fraction'] <= 1
+             for m in history)
+  assert [m['teacher_decay'] for m in history] == pytest.approx(
+      [min(1 - 1 / (t + 1), 0.99) for t in range(len(history))])
+  # The teacher is an average of past students, not the student.
+  assert max_abs_diff(state.params, state.ema_params) > 1e-5
+  assert max_abs_diff(init.ema_params, state.ema_params) > 1e-4
+  # It ran in training mode, so its own running statistics moved.
+  assert max_abs_diff(init.ema_batch_stats, state.ema_batch_stats) > 1e-4
+
+
+def test_supervised_step_trains_and_fits(mesh, model, state):
+  config = tiny_config(method='supervised')
+  config.optimizer.learning_rate = 0.05  # a few steps must visibly fit the batch
+  state = state.replace(tx=state_lib.make_optimizer(config))
+  batch = parallel.shard_batch(mesh, make_batch(supervised=True))
+  key = jax.random.key(1)
+  init = jax.tree.map(np.asarray, state)
+  step = compile_step(config, model, mesh, state, batch, key)
+  state, history = run_steps(step, state, batch, key, 8)
+  check_training(config, init, state, history)
+  assert history[-1]['loss'] < 0.8 * history[0]['loss'], [m['loss'] for m in history]
+  # Supervised training leaves the teacher alone.
+  assert max_abs_diff(init.ema_params, state.ema_params) == 0
+
+
+@pytest.mark.parametrize('method,reco,partial', [
+    ('cutout', True, ''),
+    ('classmix', True, 'p1'),
+])
+def test_semi_supervised_variants_train(mesh, model, state, method, reco, partial):
+  config = tiny_config(method=method, reco=reco, partial=partial)
+  batch = parallel.shard_batch(mesh, make_batch(partial=bool(partial)))
+  key = jax.random.key(2)
+  init = jax.tree.map(np.asarray, state)
+  step = compile_step(config, model, mesh, state, batch, key)
+  state, history = run_steps(step, state, batch, key, 3)
+  check_training(config, init, state, history)
+
+
+def test_semi_step_matches_hand_composition(mesh, model, state):
+  """Teacher in train mode, mixing, then two student passes (labelled first), then EMA."""
+  config = tiny_config(method='cutmix')
+  # A teacher unlike the student, so that using the wrong model shows.
+  state = state.replace(ema_params=jax.tree.map(lambda x: x * 1.1, state.ema_params))
+  np_batch = make_batch()
+  batch = parallel.shard_batch(mesh, np_batch)
+  key = jax.random.key(3)
+  before = jax.tree.map(np.asarray, state)
+  step = compile_step(config, model, mesh, state, batch, key)
+  new_state, metrics = step(state, batch, key)
+
+  l_img, l_lab = np_batch['labelled']['image'], np_batch['labelled']['label']
+  u_img = np_batch['unlabelled']['image']
+
+  def reference(params, batch_stats, ema_params, ema_batch_stats):
+    (t_logits, _), t_upd = model.apply(
+        {'params': ema_params, 'batch_stats': ema_batch_stats}, u_img, train=True,
+        mutable=['batch_stats'])
+    t_prob = jax.nn.softmax(resize.bilinear_align_corners(t_logits, (SIZE, SIZE)), -1)
+    conf, pseudo = jnp.max(t_prob, -1), jnp.argmax(t_prob, -1).astype(jnp.int32)
+    k_mix, k_aug, _ = steps.step_keys(key, jnp.asarray(0))
+    mixed = mixing.mix(k_mix, jnp.asarray(u_img), pseudo, conf, 'cutmix',
+                       num_classes=NUM_CLASSES)
+    m_img, m_lab, m_conf = augment.strong_augment(k_aug, *mixed)
+
+    def losses(l_logits, u_logits):
+      sup = segmentation.cross_entropy(
+          resize.bilinear_align_corners(l_logits, (SIZE, SIZE)), l_lab)
+      unsup = segmentation.unsupervised_loss(
+          resize.bilinear_align_corners(u_logits, (SIZE, SIZE)), m_lab, m_conf,
+          strong_threshold=config.strong_threshold)
+      return sup, unsup
+
+    variables = {'params': params, 'batch_stats': batch_stats}
+    (l_logits, _), upd = model.apply(variables, l_img, train=True, mutable=['batch_stats'])
+    (u_logits, _), upd = model.apply({'params': params, **upd}, m_img, train=True,
+                                     mutable=['batch_stats'])
+    # What one concatenated pass would give instead.
+    (logits, _), upd_one = model.apply(variables, jnp.concatenate([l_img, m_img]), train=True,
+                                       mutable=['batch_stats'])
+    return (conf.mean(), t_upd['batch_stats'], losses(l_logits, u_logits), upd['batch_stats'],
+            losses(logits[:BATCH], logits[BATCH:]), upd_one['batch_stats'])
+
+  args = (before.params, before.batch_stats, before.ema_params, before.ema_batch_stats)
+  (confidence, t_stats, (sup, unsup), stats, (sup_one, _), stats_one) = jax.jit(
+      reference).lower(*args).compile(FAST_COMPILE)(*args)
+  assert float(metrics['pseudo_confidence']) == pytest.approx(float(confidence), rel=1e-5)
+  leaves_close(new_state.ema_batch_stats, t_stats, rtol=1e-4, atol=1e-6)
+  assert float(metrics['sup_loss']) == pytest.approx(float(sup), rel=1e-4)
+  assert float(metrics['unsup_loss']) == pytest.approx(float(unsup), rel=1e-4)
+  leaves_close(new_state.batch_stats, stats, rtol=1e-4, atol=1e-6)
+  # One concatenated student pass would give other losses and running statistics.
+  assert abs(float(sup_one) - float(sup)) > 1e-3
+  assert max_abs_diff(stats_one, stats) > 1e-3
+  # The first EMA update has decay 0: the teacher becomes the updated student.
+  leaves_close(new_state.ema_params, new_state.params, rtol=1e-6, atol=1e-7)
+
+  # Two more steps: the general behaviour of a Mean Teacher method.
+  state, history = run_steps(step, new_state, batch, key, 2)
+  history.insert(0, {k: float(v) for k, v in metrics.items()})
+  check_training(config, before, state, history)
+
+
+def test_fill_partial_labels_keeps_ground_truth():
+  pseudo = jnp.array([[[0, 1], [2, 1]]], jnp.int32)
+  conf = jnp.array([[[0.3, 0.6], [0.9, 0.5]]], jnp.float32)
+  partial = jnp.array([[[255, 2], [255, 0]]], jnp.int32)
+  labels, confidence = steps.fill_partial_labels(pseudo, conf, partial)
+  np.testing.assert_array_equal(labels, [[[0, 2], [2, 0]]])
+  np.testing.assert_allclose(confidence, [[[0.3, 1.0], [0.9, 1.0]]])
+
+
+def test_step_keys_differ_per_step_and_use():
+  keys0 = steps.step_keys(jax.random.key(0), jnp.asarray(0))
+  keys1 = steps.step_keys(jax.random.key(0), jnp.asarray(1))
+  data = {jax.random.key_data(k).tobytes() for k in keys0 + keys1}
+  assert len(data) == 6
+
+
+def test_partial_mode_without_labels_is_an_error(mesh, model, state):
+  config = tiny_config(method='classmix', partial='p1')
+  batch = parallel.shard_batch(mesh, make_batch(partial=False))
+  with pytest.raises(ValueError, match=r"batch\['unlabelled'\]\['label'\]"):
+    steps.make_train_step(config, model, mesh).lower(state, batch, jax.random.key(0))
+
+
+def test_bad_method_is_rejected(mesh, model):
+  with pytest.raises(ValueError, match='config.method'):
+    steps.make_train_step(tiny_config(method='mixup'), model, mesh)
+
+
+def test_eval_variables_pick_teacher_for_semi_supervised(state):
+  assert steps.eval_variables(tiny_config(), state)['params'] is state.ema_params
+  assert steps.eval_variables(tiny_config(method='supervised'), state)['params'] is state.params
+
+
+def test_eval_step_with_tiny_model_matches_numpy_confusion(mesh, model, state):
+  config = tiny_config()
+  rng = np.random.default_rng(3)
+  images = rng.normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, (2, SIZE, SIZE)).astype(np.int32)
+  labels[:, :5] = 255
+  batch = {'image': images, 'label': labels, 'valid': np.array([True, False])}
+  variables = steps.eval_variables(config, state)
+  sharded = parallel.shard_batch(mesh, batch)
+  conf = steps.make_eval_step(config, model, mesh)(variables, sharded)
+  preds = np.asarray(jax.jit(steps.predict, static_argnums=(0, 3))(
+      model, variables, sharded['image'], (SIZE, SIZE)))
+  mask = (labels != 255) & np.array([True, False])[:, None, None]
+  want = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+  np.add.at(want, (labels[mask], preds[mask]), 1)
+  np.testing.assert_array_equal(np.asarray(conf), want)
+  assert want.sum() == mask.sum() > 0
