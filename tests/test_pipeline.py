@@ -231,3 +231,14 @@ def test_eval_processes_run_equal_batches_and_cover_the_split(builder, process_c
       sums.extend(float(x.sum()) for x, v in zip(b['image'], b['valid']) if v)
   assert len(counts) == 1
   np.testing.assert_allclose(sorted(sums), want, rtol=1e-6)
+
+
+def test_start_batch_continues_the_uninterrupted_stream(builder):
+  full_l, full_u, _ = _train(builder, seed=3)
+  batches = [(next(full_l), next(full_u)) for _ in range(3)]
+  resumed_l, resumed_u, _ = _train(builder, seed=3, start_batch=2)
+  l, u = next(resumed_l), next(resumed_u)
+  np.testing.assert_array_equal(l['image'], batches[2][0]['image'])
+  np.testing.assert_array_equal(l['label'], batches[2][0]['label'])
+  np.testing.assert_array_equal(u['image'], batches[2][1]['image'])
+  assert not np.array_equal(l['image'], batches[1][0]['image'])

@@ -269,7 +269,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
                     num_classes: int, partial: str, crop_size: tuple[int, int],
                     scale_range: tuple[float, float], labelled_batch: int,
                     unlabelled_batch: int, seed: int, process_index: int = 0,
-                    process_count: int = 1,
+                    process_count: int = 1, start_batch: int = 0,
                     ) -> tuple[Iterator[dict], Iterator[dict] | None, list[str]]:
   """Infinite iterators of this process's training batches.
 
@@ -296,6 +296,9 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
     labelled_batch, unlabelled_batch: GLOBAL batch sizes, multiples of process_count.
     seed: run seed; the same seed gives the same batches.
     process_index, process_count: this process and the number of processes.
+    start_batch: batches already consumed (a resumed run): the iterators yield exactly what an
+      uninterrupted run would yield from that batch on. Skipping happens on encoded examples,
+      before decoding and augmentation (each example's augmentation seed is its position).
 
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
@@ -317,6 +320,8 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
   local_u = _check_batch('unlabelled_batch', unlabelled_batch, process_count)
   if local_l == 0:
     raise ValueError('labelled_batch must be at least the process count.')
+  if start_batch < 0:
+    raise ValueError(f'start_batch must be >= 0, got {start_batch}.')
 
   ids, classes = train_ids_and_classes(builder)
   labelled_ids = splits.select_labelled(ids, classes, num_labels, min_classes=min_classes,
@@ -329,7 +334,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
   # the whole split every epoch.
   l_seed = derive_seed(seed, 'labelled', process_index)
   labelled = _stream(builder, 'train', labelled_ids, keep=True, num_examples=len(labelled_ids),
-                     cache=not all_labelled, seed=l_seed, **common)
+                     cache=not all_labelled, seed=l_seed, **common).skip(start_batch * local_l)
 
   def labelled_map(position, ex):
     image, label = _decode(builder, ex)
@@ -352,7 +357,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
       raise ValueError('unlabelled_batch > 0 but no train image is left unlabelled.')
     u_seed = derive_seed(seed, 'unlabelled', process_index)
     unlabelled = _stream(builder, 'train', u_ids, keep=keep, num_examples=count, cache=False,
-                         seed=u_seed, **common)
+                         seed=u_seed, **common).skip(start_batch * local_u)
 
     def unlabelled_map(position, ex):
       image, label = _decode(builder, ex)

@@ -1,0 +1,208 @@
+"""Shared defaults and the typed `key=value` argument parser of the dataset configs.
+
+A config file's `get_config(arg)` takes a comma-separated argument string such as
+`labels=200,method=cutmix,reco=False,seed=1` (from `--config=configs/voc.py:labels=200,...`).
+Every value is typed from the default of its key; a bare key (`runlocal`) means `True`.
+"""
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
+PARTIALS = ('', 'p0', 'p1', 'p5', 'p25')
+BACKBONES = ('deeplabv3p', 'deeplabv2')
+
+# Choices checked by `parse_arg` for the keys that take one of a few strings.
+CHOICES = {'method': METHODS, 'partial': PARTIALS, 'backbone': BACKBONES}
+
+_TRUE = ('true', 't', 'yes', 'y', '1')
+_FALSE = ('false', 'f', 'no', 'n', '0')
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+  """`text` converted to the type of `default`; a clear ValueError otherwise."""
+  if isinstance(default, bool):  # Before int: bool is an int subclass.
+    if text.lower() in _TRUE:
+      return True
+    if text.lower() in _FALSE:
+      return False
+    raise ValueError(f'Config argument {key}={text!r}: expected a boolean (True or False).')
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f'Config argument {key}={text!r}: expected an integer, e.g. '
+                       f'{key}={default}.') from None
+  if isinstance(default, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f'Config argument {key}={text!r}: expected a number, e.g. '
+                       f'{key}={default}.') from None
+  value = text.strip()
+  choices = CHOICES.get(key)
+  if choices is not None and value not in choices:
+    shown = ', '.join(repr(c) if not c else c for c in choices)
+    raise ValueError(f'Config argument {key}={text!r}: expected one of {shown}.')
+  return value
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `'k1=v1,k2=v2,flag'` into a ConfigDict of `defaults` updated by the arguments.
+
+  Args:
+    arg: the text after `:` in `--config=path.py:arg`; None or '' keeps the defaults.
+    **defaults: every accepted key with its default; the default's type types the value.
+
+  Returns:
+    A ConfigDict with exactly the keys of `defaults`.
+
+  Raises:
+    ValueError: an unknown key (the message lists the valid ones) or a value that does not
+      parse as the default's type or is not one of the key's choices.
+  """
+  return _parse(arg, defaults)[0]
+
+
+def _parse(arg: str | None,
+           defaults: Mapping[str, Any]) -> tuple[ml_collections.ConfigDict, frozenset[str]]:
+  """`parse_arg`, also returning the keys given explicitly."""
+  args = ml_collections.ConfigDict(dict(defaults))
+  given = set()
+  for item in (arg or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, text = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} in {arg!r}; valid keys are: '
+                       f'{", ".join(sorted(defaults))}.')
+    if not sep:
+      if not isinstance(defaults[key], bool):
+        raise ValueError(f'Config argument {key!r} needs a value ({key}=...); only boolean '
+                         f'keys may be given bare.')
+      text = 'True'
+    args[key] = _parse_value(key, text, defaults[key])
+    given.add(key)
+  return args, frozenset(given)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field of a training config, with Pascal VOC values of the paper as defaults."""
+  c = ml_collections.ConfigDict()
+  c.dataset = 'reco_voc'
+  c.data_dir = ''
+  c.manual_dir = ''
+  c.num_classes = 21
+  c.labels = 200
+  c.min_classes = 3
+  c.partial = ''
+  c.crop_size = (321, 321)
+  c.scale_range = (0.5, 1.5)
+  c.eval_size = (513, 513)
+  c.batch_size = 10
+  c.eval_batch_size = 4
+  c.method = 'classmix'
+  c.reco = True
+  c.model = ml_collections.ConfigDict(dict(
+      name='deeplabv3p', backbone='resnet101', output_stride=16, rep_dim=256,
+      dtype='float32'))
+  c.init_weights = ''
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
+      min_learning_rate=1e-6))
+  c.ema_decay = 0.99
+  c.strong_threshold = 0.97
+  c.weak_threshold = 0.7
+  c.reco_temperature = 0.5
+  c.num_queries = 256
+  c.num_negatives = 512
+  c.query_mode = 'hard'
+  c.key_mode = 'active'
+  c.average_prototypes = False
+  # Activation checkpointing of the student passes: '', 'labelled' or 'convs' (steps.py).
+  c.remat = ''
+  c.num_train_steps = 40000
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.num_image_summaries = 4
+  c.seed = 0
+  return c
+
+
+def paper_config(dataset: Mapping[str, Any], arg: str | None,
+                 default_labels: int) -> ml_collections.ConfigDict:
+  """The paper's config for one dataset (see `make_config`), locked."""
+  c = make_config(dataset, arg, default_labels)
+  c.lock()
+  return c
+
+
+def make_config(dataset: Mapping[str, Any], arg: str | None,
+                default_labels: int) -> ml_collections.ConfigDict:
+  """The paper's config for one dataset, specialised by the command-line argument.
+
+  Args:
+    dataset: per-dataset fields (dataset, num_classes, min_classes, crop_size, scale_range,
+      eval_size, batch_size, eval_batch_size, ...; dicts update `model` and `optimizer`),
+      set over `base_config()`; batch_size is the semi-supervised per-branch batch.
+    arg: `labels=N,partial=p1,method=cutmix,reco=False,seed=S,backbone=deeplabv2,runlocal`.
+    default_labels: labelled images when `labels` is not given.
+
+  Returns:
+    An unlocked ConfigDict. Supervised runs get twice the labelled batch (they have no
+    unlabelled branch); partial labels use every training image (labels=0).
+  """
+  args, given = _parse(arg, dict(labels=default_labels, partial='', method='classmix',
+                                 reco=True, seed=0, backbone='deeplabv3p', runlocal=False))
+  c = base_config()
+  for key, value in dict(dataset).items():
+    if isinstance(value, Mapping):  # Nested fields (model, optimizer) are updated, not replaced.
+      c[key].update(dict(value))
+    else:
+      c[key] = value
+  c.labels = args.labels
+  if args.labels < 0:
+    raise ValueError(f'labels={args.labels}: expected the number of labelled images, or 0 '
+                     'for all of them.')
+  c.partial = args.partial
+  if args.partial:
+    if 'labels' in given and args.labels != 0:
+      raise ValueError(f'partial={args.partial} labels every training image sparsely; '
+                       f'drop labels={args.labels} (or set labels=0).')
+    c.labels = 0
+  c.method = args.method
+  c.reco = args.reco
+  c.seed = args.seed
+  c.model.name = args.backbone
+  if args.method == 'supervised':
+    c.batch_size *= 2
+  if args.runlocal:
+    apply_runlocal(c)
+  return c
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to a smoke run: tiny model, small crops and batches, a few steps.
+
+  The toy dataset switches to its 48-image 'tiny' variant.
+  """
+  if c.dataset == 'reco_toy':
+    c.dataset = 'reco_toy/tiny'
+    c.labels = min(c.labels, 16)
+  c.model.backbone = 'resnet_tiny'
+  c.model.rep_dim = 16
+  c.crop_size = (65, 65)
+  c.eval_size = (97, 97)
+  c.batch_size = 4 if c.method != 'supervised' else 8
+  c.eval_batch_size = 4
+  c.num_queries = 16
+  c.num_negatives = 32
+  c.num_train_steps = 10
+  c.log_every_steps = 2
+  c.eval_every_steps = 5
+  c.checkpoint_every_steps = 5

@@ -1,0 +1,13 @@
+"""SUN RGB-D, RGB only, 37 classes (ReCo paper): `--config=configs/sun.py:labels=150`.
+
+Arguments: labels=N (0 = all, default 150), partial=p0|p1|p5|p25, method=supervised|cutout|
+cutmix|classmix, reco=True|False, seed=S, backbone=deeplabv3p|deeplabv2, runlocal.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  return common.paper_config(
+      dict(dataset='reco_sun_rgbd', num_classes=37, min_classes=1, crop_size=(321, 321),
+           scale_range=(0.5, 1.5), eval_size=(384, 512), batch_size=5, eval_batch_size=4),
+      arg, default_labels=150)

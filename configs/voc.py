@@ -1,0 +1,13 @@
+"""Pascal VOC 2012 + SBD (ReCo paper): `--config=configs/voc.py:labels=200,method=classmix`.
+
+Arguments: labels=N (0 = all, default 200), partial=p0|p1|p5|p25, method=supervised|cutout|
+cutmix|classmix, reco=True|False, seed=S, backbone=deeplabv3p|deeplabv2, runlocal.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  return common.paper_config(
+      dict(dataset='reco_voc', num_classes=21, min_classes=3, crop_size=(321, 321),
+           scale_range=(0.5, 1.5), eval_size=(513, 513), batch_size=10, eval_batch_size=4),
+      arg, default_labels=200)

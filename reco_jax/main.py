@@ -1,0 +1,54 @@
+"""Entry point: `python -m reco_jax.main --config=configs/voc.py:labels=200 --workdir=DIR`.
+
+Config values can be overridden with `--config.name=value` (e.g. `--config.num_train_steps=100`).
+Multi-host runs call `jax.distributed.initialize` first: with `--distributed` (Cloud TPU pods,
+SLURM and other clusters JAX detects itself) or with an explicit `--coordinator_address`,
+`--num_processes` and `--process_id`.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config file, e.g. configs/voc.py:labels=200.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory (local or gs://) for checkpoints, '
+                               'TensorBoard events, config.json and labelled_ids.txt.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with cluster auto-detection.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for a multi-process run without '
+    'cluster auto-detection.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  # TensorFlow only feeds data: it must not take accelerator memory from JAX.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  tf.config.set_visible_devices([], 'TPU')
+
+  if _COORDINATOR.value is not None:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  logging.info('JAX process %d of %d, %d local / %d global devices (%s).',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+
+  from reco_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,472 @@
+"""Host-side training loop: data, jitted steps, evaluation, checkpoints and metric writers.
+
+`train_and_evaluate(config, workdir)` runs a whole experiment and resumes it automatically:
+run the same command again and it continues from the latest checkpoint in
+`workdir/checkpoints`. A resumed run reaches the same state as an uninterrupted one because
+every source of randomness is a function of the step: the step key is
+`fold_in(train_key, step)` (done inside the step) and the input iterators are rebuilt from
+the config seed and fast-forwarded past the batches already consumed. The input pipeline is
+deterministic and seeds every example's augmentation by its position in the stream, so the
+skipped stream yields exactly the batches an uninterrupted run would see. Skipped batches
+are dropped as encoded examples, before decoding and augmentation.
+"""
+from collections.abc import Iterator, Mapping
+import collections
+import functools
+import json
+import math
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from etils import epath
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from reco_jax import evaluation
+from reco_jax import parallel
+from reco_jax import state as state_lib
+from reco_jax import steps
+from reco_jax import viz
+from reco_jax.data import base
+
+METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
+PARTIALS = ('', 'p0', 'p1', 'p5', 'p25')
+MODELS = ('deeplabv3p', 'deeplabv2')
+EVAL_SPLITS = ('validation', 'val', 'test')
+_BEST_METRIC = 'eval/miou'
+_DEEPLABV3P_ONLY = ('output_stride', 'aspp_dim', 'low_level_dim', 'head_dim')
+
+
+class TrainingDivergedError(FloatingPointError):
+  """A loss became NaN or infinite; no checkpoint of the diverged state was written."""
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _pair(config, name):
+  value = config[name]
+  try:
+    pair = tuple(int(v) for v in value)
+  except TypeError:
+    pair = ()
+  if len(pair) != 2 or min(pair) <= 0 or any(int(v) != v for v in value):
+    raise ValueError(f'config.{name} must be a pair of positive integers (height, width), '
+                     f'got {value!r}.')
+  return pair
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, saying what was expected, for a config that cannot run.
+
+  Checks the fields of the shared schema are present, the choices (method, partial, model),
+  positive sizes and step counts, and that the global batch sizes split evenly over the
+  processes and devices.
+  """
+  required = ('dataset', 'data_dir', 'manual_dir', 'num_classes', 'labels', 'min_classes',
+              'partial', 'crop_size', 'scale_range', 'eval_size', 'batch_size',
+              'eval_batch_size', 'method', 'reco', 'model', 'init_weights', 'optimizer',
+              'ema_decay', 'strong_threshold', 'weak_threshold', 'reco_temperature',
+              'num_queries', 'num_negatives', 'query_mode', 'key_mode', 'average_prototypes',
+              'num_train_steps', 'log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps', 'keep_checkpoints', 'num_image_summaries', 'seed')
+  missing = [k for k in required if k not in config]
+  if missing:
+    raise ValueError(f'The config lacks the fields {missing}; start from a file in configs/ '
+                     '(configs/common.py lists every field with its default).')
+  if config.method not in METHODS:
+    raise ValueError(f'config.method={config.method!r}: expected one of {METHODS}.')
+  if config.partial not in PARTIALS:
+    raise ValueError(f"config.partial={config.partial!r}: expected '' (full labels) or one of "
+                     f'{PARTIALS[1:]}.')
+  if config.model.get('name') not in MODELS:
+    raise ValueError(f'config.model.name={config.model.get("name")!r}: expected one of '
+                     f'{MODELS}.')
+  for name in ('num_classes', 'batch_size', 'eval_batch_size', 'num_train_steps',
+               'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
+               'keep_checkpoints', 'num_queries', 'num_negatives'):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f'config.{name} must be a positive integer, got {value!r}.')
+  for name in ('labels', 'min_classes', 'num_image_summaries'):
+    if not isinstance(config[name], int) or config[name] < 0:
+      raise ValueError(f'config.{name} must be a non-negative integer, got {config[name]!r}.')
+  _pair(config, 'crop_size')
+  _pair(config, 'eval_size')
+  low, high = config.scale_range
+  if not 0 < low <= high:
+    raise ValueError(f'config.scale_range must be (low, high) with 0 < low <= high, got '
+                     f'{tuple(config.scale_range)}.')
+  for name in ('ema_decay', 'strong_threshold', 'weak_threshold'):
+    if not 0.0 <= config[name] <= 1.0:
+      raise ValueError(f'config.{name} must be in [0, 1], got {config[name]}.')
+  if config.optimizer.learning_rate <= 0:
+    raise ValueError(f'config.optimizer.learning_rate must be positive, got '
+                     f'{config.optimizer.learning_rate}.')
+  processes, devices = jax.process_count(), jax.device_count()
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % devices:
+      raise ValueError(f'config.{name}={config[name]} is the global batch; it must be a '
+                       f'multiple of the {devices} devices ({processes} processes x '
+                       f'{jax.local_device_count()} local devices). Set --config.{name} to a '
+                       'multiple of it.')
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _prepare_dataset(config):
+  """The prepared TFDS builder, or an error saying how to get the dataset."""
+  import tensorflow_datasets as tfds  # Heavy import only where the data is needed.
+  try:
+    builder = base.prepare(config.dataset, config.data_dir or None, config.manual_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(
+        f'Unknown dataset {config.dataset!r}: expected one of reco_voc, reco_cityscapes, '
+        'reco_sun_rgbd, reco_toy, reco_folder (config.dataset).') from e
+  except (AssertionError, FileNotFoundError, tfds.core.download.DownloadError) as e:
+    raise FileNotFoundError(
+        f'Dataset {config.dataset!r} is not prepared in '
+        f'{config.data_dir or "the TFDS default data dir ($TFDS_DATA_DIR)"} and could not be '
+        f'built: {e}\nPut the raw files in a folder and pass --config.manual_dir=FOLDER (the '
+        f'builder docstring in reco_jax/data describes the layout), or point '
+        f'--config.data_dir at a directory holding the prepared dataset.') from e
+  names = base.class_names(builder)
+  if len(names) != config.num_classes:
+    raise ValueError(f'config.num_classes={config.num_classes} but dataset {config.dataset!r} '
+                     f'has {len(names)} classes; set --config.num_classes={len(names)}.')
+  return builder
+
+
+def _eval_split(builder) -> str:
+  for split in EVAL_SPLITS:
+    if split in builder.info.splits:
+      return split
+  raise ValueError(f'Dataset {builder.name!r} has no evaluation split: expected one of '
+                   f'{EVAL_SPLITS}, found {list(builder.info.splits)}.')
+
+
+def _train_iterators(config, builder, start_batch: int):
+  """(labelled, unlabelled or None, labelled ids) for this process, after `start_batch`."""
+  from reco_jax.data import pipeline  # TF pulled in only by the data path.
+  semi = config.method != 'supervised'
+  kwargs = dict(
+      num_labels=config.labels,
+      min_classes=config.min_classes,
+      num_classes=config.num_classes,
+      partial=config.partial,
+      crop_size=tuple(config.crop_size),
+      scale_range=tuple(config.scale_range),
+      labelled_batch=config.batch_size,
+      unlabelled_batch=config.batch_size if semi else 0,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_batch=start_batch)
+  return pipeline.train_iterators(builder, **kwargs)
+
+
+def _eval_iterator(config, builder):
+  from reco_jax.data import pipeline
+  return pipeline.eval_iterator(
+      builder, split=_eval_split(builder), eval_size=tuple(config.eval_size),
+      batch_size=config.eval_batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _global_batches(mesh, labelled, unlabelled) -> Iterator[dict]:
+  """Global train batches, one prefetched ahead."""
+  def make():
+    local = next(labelled)
+    batch = {'labelled': {'image': local['image'], 'label': local['label']}}
+    if unlabelled is not None:
+      # Partial-label runs also carry the sparse labels of the unlabelled branch.
+      batch['unlabelled'] = dict(next(unlabelled))
+    return parallel.shard_batch(mesh, batch)
+
+  # The transfer of the next batch overlaps the running step (device_put is asynchronous).
+  queue = collections.deque([make()])
+  while True:
+    queue.append(make())
+    yield queue.popleft()
+
+
+# --------------------------------------------------------------------------- host helpers
+
+
+def _to_host(tree):
+  """Replicated (possibly multi-process) arrays -> numpy, without a cross-host gather."""
+  def get(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      flat.update(_flatten(v, f'{prefix}{k}.'))
+    elif isinstance(v, (bool, int, float, str)):
+      flat[f'{prefix}{k}'] = v
+    else:
+      flat[f'{prefix}{k}'] = str(v)
+  return flat
+
+
+def _write_run_files(config, workdir: epath.Path, labelled_ids) -> None:
+  """Resolved config and labelled image ids, written once by process 0."""
+  if jax.process_index() != 0:
+    return
+  path = workdir / 'config.json'
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if path.exists() and path.read_text() != text:
+    logging.warning('%s differs from the config of this run; it is overwritten (resuming '
+                    'with a changed config continues from the existing checkpoints).', path)
+  path.write_text(text)
+  (workdir / 'labelled_ids.txt').write_text(''.join(f'{i}\n' for i in labelled_ids))
+
+
+def _diverged(step, what, last_saved, checkpoint_dir):
+  saved = (f'the last good checkpoint (step {last_saved}) in {checkpoint_dir} is intact'
+           if last_saved else 'no checkpoint was written')
+  return TrainingDivergedError(
+      f'Training diverged at step {step}: {what}; {saved}. Lower '
+      'config.optimizer.learning_rate or check the input data, then run again.')
+
+
+def _check_finite(records, last_saved, checkpoint_dir):
+  """Raises TrainingDivergedError naming the first step with a NaN/Inf loss or gradient."""
+  for step, metrics in records:
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+    if bad:
+      losses = {k: float(v) for k, v in metrics.items() if 'loss' in k}
+      parts = ', '.join(f'{k}={v:.6g}' for k, v in sorted(losses.items()))
+      raise _diverged(step, f'non-finite {", ".join(sorted(bad))} ({parts})', last_saved,
+                      checkpoint_dir)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(eval_step, variables, eval_batches, mesh, num_classes: int):
+  """Confusion matrix over the whole eval set: int64 [C, C], rows = ground truth.
+
+  Per-batch int32 matrices come from the devices; they are summed on the host in int64 so
+  large evaluation sets cannot overflow. Returns (confusion, first global batch or None).
+  """
+  confusions, first = [], None
+  for local in eval_batches:
+    batch = parallel.shard_batch(mesh, local)
+    if first is None:
+      first = batch
+    confusions.append(eval_step(variables, batch))
+  total = np.zeros((num_classes, num_classes), np.int64)
+  for confusion in confusions:
+    total += _to_host(confusion).astype(np.int64)
+  return total, first
+
+
+def _image_summaries(config, variables, batch, predict_fn):
+  """uint8 [n, H, 3W+gap, 3] panels of the first eval images (collective on all processes)."""
+  n = min(config.num_image_summaries, config.eval_batch_size)
+  predictions = predict_fn(variables, batch['image'])
+  images, labels, predictions = (
+      np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]
+      for x in (batch['image'], batch['label'], predictions))
+  return viz.segmentation_panels(images, labels, predictions)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def build_model(config):
+  """The linen model of config.model: `name` selects the architecture, other keys go to it.
+
+  DeepLabV2 (output stride 8, no ASPP or decoder) does not take the DeepLabV3+ width and
+  stride keys; they are dropped for it so one config serves both backbones.
+  """
+  from reco_jax.models import deeplab
+  kwargs = dict(config.model.to_dict())
+  name = kwargs.pop('name')
+  if name == 'deeplabv2':
+    for key in _DEEPLABV3P_ONLY:
+      kwargs.pop(key, None)
+  kwargs['dtype'] = jnp.dtype(kwargs.get('dtype', 'float32'))
+  try:
+    return deeplab.build_model(name, num_classes=config.num_classes, **kwargs)
+  except TypeError as e:
+    raise ValueError(f'config.model has a key the {name} model does not take ({e}); its '
+                     f'fields are those of deeplab.{deeplab.MODELS[name].__name__}.') from e
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> state_lib.TrainState:
+  """Trains and periodically evaluates a model; resumes from workdir/checkpoints if present.
+
+  Args:
+    config: a config from configs/ (fields as in configs/common.py).
+    workdir: local or gs:// directory for checkpoints, TensorBoard events, config.json and
+      labelled_ids.txt.
+
+  Returns:
+    The final TrainState (replicated on the device mesh).
+
+  Raises:
+    ValueError: an invalid config.
+    FileNotFoundError: the dataset is not prepared and its raw files are missing.
+    TrainingDivergedError: a NaN/Inf loss; checkpoints before it are kept.
+  """
+  validate_config(config)
+  workdir = epath.Path(workdir)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  builder = _prepare_dataset(config)
+  class_names = base.class_names(builder)
+  mesh = parallel.make_mesh()
+  model = build_model(config)
+
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  state = state_lib.create_train_state(config, model, init_key,
+                                       (*tuple(config.crop_size), 3), mesh=mesh)
+
+  checkpoint_dir = workdir / 'checkpoints'
+  manager = ocp.CheckpointManager(
+      checkpoint_dir, options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.keep_checkpoints, create=True))
+  # A second manager keeps the state with the best eval mIoU, whatever its age.
+  best_manager = ocp.CheckpointManager(
+      workdir / 'checkpoints_best', options=ocp.CheckpointManagerOptions(
+          max_to_keep=1, best_fn=lambda m: m[_BEST_METRIC], best_mode='max', create=True))
+  start = manager.latest_step() or 0
+  if start:
+    logging.info('Resuming from the checkpoint of step %d in %s.', start, checkpoint_dir)
+    state = manager.restore(start, args=ocp.args.StandardRestore(_abstract(state)))
+    if int(_to_host(state.step)) != start:
+      raise ValueError(f'Checkpoint {start} in {checkpoint_dir} holds step '
+                       f'{int(_to_host(state.step))}; the directory is inconsistent.')
+    if start >= config.num_train_steps:
+      logging.info('The run in %s is complete (step %d); nothing to do.', workdir, start)
+      manager.close()
+      best_manager.close()
+      return state
+
+  labelled, unlabelled, labelled_ids = _train_iterators(config, builder, start)
+  _write_run_files(config, workdir, labelled_ids)
+  eval_batches = _eval_iterator(config, builder)
+
+  train_step = steps.make_train_step(config, model, mesh)
+  eval_step = steps.make_eval_step(config, model, mesh)
+  predict_fn = jax.jit(functools.partial(steps.predict, model, size=tuple(config.eval_size)))
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+  if start == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                           writer=writer)
+  images_per_step = config.batch_size * (2 if unlabelled is not None else 1)
+  total = config.num_train_steps
+  batches = _global_batches(mesh, labelled, unlabelled)
+
+  last_saved = start
+  pending = []  # (step, device metrics) not yet checked on the host.
+  window = []  # (step, host metrics) checked and not yet logged.
+  window_start = time.time()
+  try:
+    for step in range(start, total):
+      done = step + 1
+      with jax.profiler.StepTraceAnnotation('train', step_num=done):
+        batch = next(batches)
+        # The step folds state.step into the key itself: same key here at every step.
+        state, metrics = train_step(state, batch, train_key)
+      pending.append((done, metrics))
+      report(done)
+
+      log = done % config.log_every_steps == 0 or done == total
+      evaluate_now = done % config.eval_every_steps == 0 or done == total
+      save = done % config.checkpoint_every_steps == 0 or done == total
+      if log or evaluate_now or save:
+        # Fetching the metrics syncs with the devices; done only at these steps so that
+        # dispatch runs ahead otherwise. A NaN state is never saved: it is caught here first.
+        records = [(s, _to_host(m)) for s, m in pending]
+        pending = []
+        _check_finite(records, last_saved, checkpoint_dir)
+        window.extend(records)
+        # A finite loss can still come with overflowing parameters: never save or keep those.
+        if (evaluate_now or save) and not bool(
+            _to_host(_all_finite((state.params, state.ema_params)))):
+          raise _diverged(done, 'non-finite parameters', last_saved, checkpoint_dir)
+      if log:
+        elapsed = time.time() - window_start
+        scalars = {f'train/{k}': float(np.mean([m[k] for _, m in window]))
+                   for k in window[-1][1]}
+        scalars['train/images_per_second'] = images_per_step * len(window) / elapsed
+        writer.write_scalars(done, scalars)
+        window, window_start = [], time.time()
+      if evaluate_now:
+        with report.timed('eval'):
+          variables = steps.eval_variables(config, state)
+          confusion, first = evaluate(eval_step, variables, eval_batches, mesh,
+                                      config.num_classes)
+          miou = evaluation.mean_iou(confusion)
+          iou = evaluation.iou_from_confusion(confusion)
+          scalars = {'eval/miou': miou,
+                     'eval/pixel_accuracy': evaluation.pixel_accuracy(confusion)}
+          scalars.update({f'eval/iou/{name}': float(v) for name, v in zip(class_names, iou)})
+          writer.write_scalars(done, scalars)
+          if first is not None and config.num_image_summaries:
+            writer.write_images(done, {'eval/examples': _image_summaries(
+                config, variables, first, predict_fn)})
+          # A run stopped between this save and the regular checkpoint below repeats this
+          # evaluation when resumed; the state is the same, so the saved one stands.
+          if done not in best_manager.all_steps():
+            best_manager.save(done, args=ocp.args.StandardSave(state),
+                              metrics={_BEST_METRIC: miou if math.isfinite(miou) else -1.0})
+          logging.info('Step %d: eval mIoU %.4f', done, miou)
+      if save:
+        manager.save(done, args=ocp.args.StandardSave(state))
+        last_saved = done
+      if log or evaluate_now:
+        writer.flush()
+  finally:
+    manager.wait_until_finished()
+    best_manager.wait_until_finished()
+    writer.flush()
+    writer.close()
+  logging.info('Finished at step %d; parameter fingerprint of this process: %r', total,
+               params_fingerprint(state.params))
+  return state
+
+
+def params_fingerprint(params) -> float:
+  """Sum of |p| over this process's own replica of the parameters (float64).
+
+  Computed on the host from local data without any collective, so comparing the value
+  logged by each process checks that the replicas of a multi-host run agree.
+  """
+  leaves = jax.tree.leaves(_to_host(params))
+  return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves))
+
+
+def read_config(workdir: str) -> dict:
+  """The resolved config a run wrote to its workdir (as a plain dict)."""
+  return json.loads((epath.Path(workdir) / 'config.json').read_text())

@@ -1,0 +1,115 @@
+"""Launch scripts: the sweep grids and the TPU pod command."""
+import collections
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SWEEP = ROOT / 'launch' / 'sweep.py'
+TPU = ROOT / 'launch' / 'tpu_pod.sh'
+
+
+def _sweep(*args):
+  out = subprocess.run([sys.executable, str(SWEEP), '--dry-run', *args], check=True,
+                       capture_output=True, text=True, cwd=ROOT)
+  return [line for line in out.stdout.splitlines() if line]
+
+
+def _config_args(line):
+  config = next(w for w in line.split() if w.startswith('--config='))
+  path, _, arg = config[len('--config='):].partition(':')
+  return path, dict(kv.split('=') for kv in arg.split(','))
+
+
+def test_sweep_prints_table1_grid_with_three_seeds():
+  lines = _sweep('--tables=1')
+  # Per dataset: 3 label counts x 3 methods + all labels x 2 methods, times 3 seeds.
+  assert len(lines) == 3 * (3 * 3 + 2) * 3
+  cells = collections.Counter()
+  for line in lines:
+    path, args = _config_args(line)
+    dataset = pathlib.Path(path).stem
+    cells[(dataset, args['labels'], args['method'], args['reco'])] += 1
+    assert line.startswith('python3 -m reco_jax.main ')
+    assert f'seed{args["seed"]}' in line  # each seed has its own workdir
+  assert set(cells.values()) == {3}
+  for dataset, labels in (('voc', ('60', '200', '600')), ('cityscapes', ('20', '50', '150')),
+                          ('sun', ('50', '150', '500'))):
+    for n in labels:
+      assert cells[(dataset, n, 'supervised', 'False')] == 3
+      assert cells[(dataset, n, 'classmix', 'False')] == 3
+      assert cells[(dataset, n, 'classmix', 'True')] == 3
+    assert cells[(dataset, '0', 'supervised', 'False')] == 3
+    assert cells[(dataset, '0', 'supervised', 'True')] == 3
+  seeds = {_config_args(line)[1]['seed'] for line in lines}
+  assert seeds == {'0', '1', '2'}
+
+
+def test_sweep_prints_table3_partial_grid():
+  lines = _sweep('--tables=3')
+  assert len(lines) == 2 * 4 * 3
+  seen = set()
+  for line in lines:
+    path, args = _config_args(line)
+    assert pathlib.Path(path).stem in ('voc', 'cityscapes')
+    assert args['method'] == 'classmix' and args['reco'] == 'True'
+    assert 'labels' not in args
+    seen.add((pathlib.Path(path).stem, args['partial'], args['seed']))
+  assert len(seen) == 24
+  assert {p for _, p, _ in seen} == {'p0', 'p1', 'p5', 'p25'}
+
+
+def test_sweep_commands_resolve_to_valid_configs():
+  from configs import cityscapes, sun, voc  # noqa: F401
+  modules = {'voc': voc, 'cityscapes': cityscapes, 'sun': sun}
+  lines = _sweep()
+  assert len(lines) == 99 + 24
+  workdirs = set()
+  for line in lines:
+    path, _ = _config_args(line)
+    arg = line.split('--config=')[1].split()[0].split(':', 1)[1]
+    c = modules[pathlib.Path(path).stem].get_config(arg)
+    assert c.batch_size in (2, 4, 5, 10, 20)
+    workdirs.add(line.split('--workdir=')[1].split()[0])
+  assert len(workdirs) == len(lines)
+
+
+def test_sweep_tpu_launcher_and_extra_flags():
+  lines = _sweep('--tables=3', '--datasets=voc', '--launcher=tpu', '--tpu_name=pod',
+                 '--zone=us-central2-b', '--workdir_root=gs://b/r', '--',
+                 '--config.num_train_steps=100')
+  assert len(lines) == 12
+  words = lines[0].split()
+  assert words[:3] == ['launch/tpu_pod.sh', 'pod', 'us-central2-b']
+  assert words[4].startswith('gs://b/r/table3/voc/p0/')
+  assert words[-1] == '--config.num_train_steps=100'
+
+
+def test_tpu_script_syntax_and_dry_run():
+  subprocess.run(['bash', '-n', str(TPU)], check=True)
+  env = dict(os.environ, TFDS_DATA_DIR='gs://bucket/tfds')
+  out = subprocess.run(['bash', str(TPU), '--dry-run', 'my-tpu', 'europe-west4-a',
+                        'configs/voc.py:labels=200,method=cutmix', 'gs://bucket/run'],
+                       check=True, capture_output=True, text=True, env=env).stdout
+  ssh = [line for line in out.splitlines() if 'tpu-vm ssh' in line]
+  assert len(ssh) == 1
+  line = ssh[0]
+  assert line.startswith('gcloud compute tpus tpu-vm ssh my-tpu --zone europe-west4-a '
+                         '--worker=all --command ')
+  assert 'jax[tpu]' in line and 'requirements.txt' in line
+  assert 'TFDS_DATA_DIR=' in line and 'gs://bucket/tfds' in line
+  assert 'reco_jax.main --distributed' in line
+  assert 'configs/voc.py:labels=200,method=cutmix' in line and 'gs://bucket/run' in line
+  assert any('tpu-vm scp' in l for l in out.splitlines())  # copies the checkout
+
+
+def test_tpu_script_rejects_local_workdir():
+  env = dict(os.environ, TFDS_DATA_DIR='gs://bucket/tfds')
+  out = subprocess.run(['bash', str(TPU), '--dry-run', 'tpu', 'zone', 'configs/voc.py',
+                        '/tmp/run'], capture_output=True, text=True, env=env)
+  assert out.returncode != 0 and 'gs://' in out.stderr
+
+
+def test_local_script_syntax():
+  subprocess.run(['bash', '-n', str(ROOT / 'launch' / 'local.sh')], check=True)

@@ -1,0 +1,224 @@
+"""End-to-end training on a tiny toy dataset: outputs, exact resume, NaN handling, errors."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+
+from configs import toy
+from reco_jax import steps
+from reco_jax import train
+from reco_jax import viz
+from reco_jax.data import base
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NUM_STEPS = 4
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for this module's runs (each step compiles once), then none."""
+  from jax._src import compilation_cache as cc
+  reset = getattr(cc, 'reset_cache', lambda: None)
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update(names[1], 0.0)
+  jax.config.update(names[2], 0)
+  reset()  # An earlier compile in this process may have initialised it disabled.
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  reset()
+
+
+@pytest.fixture(scope='session')
+def toy_data_dir(tmp_path_factory):
+  """TFDS dir holding the 48/12-image 'reco_toy/tiny' dataset."""
+  data_dir = tmp_path_factory.getbasetemp() / 'toy_tfds'
+  base.prepare('reco_toy/tiny', str(data_dir))
+  return str(data_dir)
+
+
+def tiny_config(data_dir, **overrides):
+  c = toy.get_config('runlocal')
+  c.data_dir = data_dir
+  c.num_train_steps = NUM_STEPS
+  c.log_every_steps = 1
+  c.eval_every_steps = NUM_STEPS
+  c.checkpoint_every_steps = 2
+  c.keep_checkpoints = 2
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def event_tags(workdir):
+  """{tag: sorted steps} over all TensorBoard event files directly in `workdir`."""
+  tags = {}
+  for path in sorted(pathlib.Path(workdir).glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        tags.setdefault(value.tag, set()).add(event.step)
+  return {k: sorted(v) for k, v in tags.items()}
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def restore(directory, step, like):
+  with ocp.CheckpointManager(directory) as manager:
+    return manager.restore(step, args=ocp.args.StandardRestore(train._abstract(like)))
+
+
+@pytest.fixture(scope='module')
+def full_run(toy_data_dir, tmp_path_factory):
+  """An uninterrupted NUM_STEPS-step ClassMix + ReCo run: (config, workdir, final state)."""
+  config = tiny_config(toy_data_dir)
+  workdir = tmp_path_factory.mktemp('full_run')
+  state = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, state
+
+
+def test_end_to_end_writes_events_checkpoints_config_and_ids(full_run):
+  config, workdir, state = full_run
+  assert int(state.step) == NUM_STEPS
+  tags = event_tags(workdir)
+  assert tags['eval/miou'] == [NUM_STEPS]
+  assert tags['eval/iou/background'] == [NUM_STEPS] and 'eval/iou/checkered' in tags
+  assert tags['train/loss'] == [1, 2, 3, 4]
+  for name in ('sup_loss', 'unsup_loss', 'reco_loss', 'learning_rate', 'pseudo_confidence',
+               'images_per_second'):
+    assert f'train/{name}' in tags, name
+  assert 'eval/examples' in tags  # image | ground truth | prediction panels
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    assert manager.all_steps() == [2, 4]
+  with ocp.CheckpointManager(workdir / 'checkpoints_best') as manager:
+    assert manager.all_steps() == [NUM_STEPS]
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['dataset'] == 'reco_toy/tiny' and saved['num_train_steps'] == NUM_STEPS
+  assert saved['model']['backbone'] == 'resnet_tiny' and saved['method'] == 'classmix'
+  ids = (workdir / 'labelled_ids.txt').read_text().split()
+  assert len(ids) == config.labels == len(set(ids))
+  assert all(i.startswith('train_') for i in ids)
+  # The training loss moved and the latest checkpoint holds the returned state.
+  restored = restore(workdir / 'checkpoints', NUM_STEPS, state)
+  np.testing.assert_array_equal(
+      jax.tree.leaves(host(restored.params))[0], jax.tree.leaves(host(state.params))[0])
+
+
+def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
+  config, workdir, state = full_run
+  # A run killed after its step-2 checkpoint: the same workdir without the later one. (Its
+  # best-mIoU checkpoint of step 4 stays: a run can stop between the two saves of a step.)
+  killed = tmp_path / 'killed'
+  shutil.copytree(workdir, killed)
+  shutil.rmtree(killed / 'checkpoints' / str(NUM_STEPS))
+  for events in killed.glob('events.out.tfevents.*'):
+    events.unlink()
+  resumed = train.train_and_evaluate(config, str(killed))
+  # It continued from step 2 (it logged steps 3 and 4 only) ...
+  assert event_tags(killed)['train/loss'] == [3, 4]
+  assert int(resumed.step) == NUM_STEPS
+  # ... and reached the uninterrupted run's state: student, teacher and optimiser.
+  for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
+    a, b = host(getattr(state, name)), host(getattr(resumed, name))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(
+    full_run, toy_data_dir, tmp_path, monkeypatch):
+  config, full_workdir, _ = full_run
+  make_train_step = steps.make_train_step
+
+  def make_poisoned(*args, **kwargs):
+    step_fn = make_train_step(*args, **kwargs)
+    calls = []
+
+    def poisoned(state, batch, key):
+      calls.append(1)
+      if len(calls) == 3:  # a corrupted input at step 3 makes the real loss NaN
+        batch = jax.tree.map(lambda x: x * np.nan if x.dtype == np.float32 else x, batch)
+      return step_fn(state, batch, key)
+    return poisoned
+
+  monkeypatch.setattr(steps, 'make_train_step', make_poisoned)
+  workdir = tmp_path / 'nan'
+  with pytest.raises(train.TrainingDivergedError, match=r'step 3: non-finite') as err:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(err.value)
+  assert 'loss=nan' in message and 'sup_loss=' in message and 'reco_loss=' in message
+  assert 'step 2' in message and 'learning_rate' in message
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    assert manager.latest_step() == 2
+  # The kept checkpoint is finite and equal to the healthy run's step-2 checkpoint.
+  like = restore(full_workdir / 'checkpoints', 2, full_run[2])
+  kept = restore(workdir / 'checkpoints', 2, like)
+  for x, y in zip(jax.tree.leaves(host(like)), jax.tree.leaves(host(kept))):
+    assert np.all(np.isfinite(x))
+    np.testing.assert_array_equal(x, y)
+
+
+def test_invalid_config_errors_are_clear(toy_data_dir, tmp_path):
+  with pytest.raises(ValueError, match='multiple of the 4 devices'):
+    train.train_and_evaluate(tiny_config(toy_data_dir, batch_size=6), str(tmp_path))
+  with pytest.raises(ValueError, match='config.method'):
+    train.train_and_evaluate(tiny_config(toy_data_dir, method='mixup'), str(tmp_path))
+  with pytest.raises(ValueError, match='num_classes=9'):
+    train.train_and_evaluate(tiny_config(toy_data_dir, num_classes=21), str(tmp_path))
+  with pytest.raises(ValueError, match='Unknown dataset .reco_vocc.*reco_voc'):
+    train.train_and_evaluate(tiny_config(toy_data_dir, dataset='reco_vocc'), str(tmp_path))
+
+
+def test_missing_dataset_says_what_to_do(tmp_path):
+  c = tiny_config(str(tmp_path / 'empty_tfds'), dataset='reco_voc', num_classes=21)
+  with pytest.raises(FileNotFoundError, match='manual_dir') as err:
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert 'reco_voc' in str(err.value)
+
+
+def test_main_rejects_misspelt_config_override(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'reco_jax.main', '--config=configs/toy.py:runlocal',
+       '--config.num_train_step=5', f'--workdir={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert out.returncode != 0
+  assert 'num_train_step' in out.stderr
+  out = subprocess.run(
+      [sys.executable, '-m', 'reco_jax.main', '--config=configs/toy.py:runlocl',
+       f'--workdir={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert out.returncode != 0
+  assert "Unknown config argument 'runlocl'" in out.stderr and 'runlocal' in out.stderr
+
+
+def test_voc_palette_and_panels():
+  palette = viz.voc_palette()
+  assert palette.shape == (256, 3) and palette.dtype == np.uint8
+  np.testing.assert_array_equal(palette[:4], [[0, 0, 0], [128, 0, 0], [0, 128, 0],
+                                              [128, 128, 0]])
+  np.testing.assert_array_equal(palette[15], [192, 128, 128])  # person
+  np.testing.assert_array_equal(palette[255], [224, 224, 192])
+  images = np.zeros((2, 5, 6, 3), np.float32)  # normalised zeros = the ImageNet mean
+  labels = np.full((2, 5, 6), 255, np.int32)
+  preds = np.ones((2, 5, 6), np.int32)
+  panels = viz.segmentation_panels(images, labels, preds, gap=2)
+  assert panels.shape == (2, 5, 3 * 6 + 4, 3) and panels.dtype == np.uint8
+  np.testing.assert_array_equal(panels[0, 0, 0], [124, 116, 104])  # mean colour
+  np.testing.assert_array_equal(panels[0, 0, 6], [255, 255, 255])  # separator
+  np.testing.assert_array_equal(panels[0, 0, 8], [224, 224, 192])  # void
+  np.testing.assert_array_equal(panels[0, 0, 16], [128, 0, 0])  # class 1
+  with pytest.raises(ValueError, match=r'\[B, H, W\]'):
+    viz.segmentation_panels(images, labels[0], preds)
