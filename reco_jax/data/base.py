@@ -56,6 +56,19 @@ def dataset_info(builder: tfds.core.DatasetBuilder, description: str,
   )
 
 
+class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """What the reco_jax builders share: version and a DatasetInfo from class attributes."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  CLASS_NAMES: tuple[str, ...] = ()
+  DESCRIPTION = ''
+  HOMEPAGE = ''
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return dataset_info(self, self.DESCRIPTION, self.CLASS_NAMES, self.HOMEPAGE)
+
+
 def class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
   """Class names of a prepared dataset, index = class id."""
   return tuple(builder.info.metadata['class_names'])

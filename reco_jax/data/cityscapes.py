@@ -64,21 +64,15 @@ def to_train_ids(label_ids: np.ndarray) -> np.ndarray:
   return _LUT[label_ids]
 
 
-class RecoCityscapes(tfds.core.GeneratorBasedBuilder):
+class RecoCityscapes(base.SegmentationBuilder):
   """Cityscapes gtFine at half resolution: 19 classes, train / val."""
 
   name = 'reco_cityscapes'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return base.dataset_info(
-        self,
-        description='Cityscapes fine annotations (train 2,975 / val 500) at half resolution, '
-        'labels mapped to the 19 trainIds, 255 = void.',
-        class_names=CLASS_NAMES,
-        homepage='https://www.cityscapes-dataset.com/')
+  CLASS_NAMES = CLASS_NAMES
+  DESCRIPTION = ('Cityscapes fine annotations (train 2,975 / val 500) at half resolution, '
+                 'labels mapped to the 19 trainIds, 255 = void.')
+  HOMEPAGE = 'https://www.cityscapes-dataset.com/'
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = raw_io.manual_dir(dl_manager, self.name, _INSTRUCTIONS)

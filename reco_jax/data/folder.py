@@ -52,20 +52,14 @@ def read_class_names(root: epath.Path) -> tuple[str, ...]:
   return names
 
 
-class RecoFolder(tfds.core.GeneratorBasedBuilder):
+class RecoFolder(base.SegmentationBuilder):
   """A user's folder of images and PNG masks, with train/val lists and class names."""
 
   name = 'reco_folder'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    # Class names are unknown until the folder is read; _split_generators fills them in and
-    # they are saved with the prepared dataset.
-    return base.dataset_info(
-        self, description='A user-provided semantic segmentation dataset (reco_folder layout).',
-        class_names=())
+  # No CLASS_NAMES: they are unknown until the folder is read; _split_generators fills them
+  # in and they are saved with the prepared dataset.
+  DESCRIPTION = 'A user-provided semantic segmentation dataset (reco_folder layout).'
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = raw_io.manual_dir(dl_manager, self.name, _INSTRUCTIONS)

@@ -78,21 +78,15 @@ def _image_id(label_number: int) -> str:
   return f'img-{label_number:06d}'
 
 
-class RecoSunRgbd(tfds.core.GeneratorBasedBuilder):
+class RecoSunRgbd(base.SegmentationBuilder):
   """SUN RGB-D at 384x512: 37 classes, 9,860 train / 475 validation."""
 
   name = 'reco_sun_rgbd'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return base.dataset_info(
-        self,
-        description='SUN RGB-D 37-class semantic segmentation (RGB), resized to 384x512; '
-        'validation = 475 test images, train = the other 9,860.',
-        class_names=CLASS_NAMES,
-        homepage='https://rgbd.cs.princeton.edu/')
+  CLASS_NAMES = CLASS_NAMES
+  DESCRIPTION = ('SUN RGB-D 37-class semantic segmentation (RGB), resized to 384x512; '
+                 'validation = 475 test images, train = the other 9,860.')
+  HOMEPAGE = 'https://rgbd.cs.princeton.edu/'
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = raw_io.manual_dir(dl_manager, self.name, _INSTRUCTIONS)

@@ -153,19 +153,17 @@ def example(split: str, index: int, config: RecoToyConfig) -> dict:
   return base.make_example(f'{split}_{index:05d}', image, label, NUM_CLASSES)
 
 
-class RecoToy(tfds.core.GeneratorBasedBuilder):
+class RecoToy(base.SegmentationBuilder):
   """Procedural shapes-and-textures segmentation: 8 object classes + background."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = [
       RecoToyConfig(name='default', description='2000 train / 200 validation images.'),
       RecoToyConfig(name='tiny', description='48 train / 12 validation images, for tests.',
                     num_train=48, num_validation=12),
   ]
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return base.dataset_info(self, __doc__, CLASS_NAMES)
+  CLASS_NAMES = CLASS_NAMES
+  DESCRIPTION = __doc__
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download

@@ -39,21 +39,15 @@ _SPLITS = {
 }
 
 
-class RecoVoc(tfds.core.GeneratorBasedBuilder):
+class RecoVoc(base.SegmentationBuilder):
   """PASCAL VOC 2012 + SBD: 21 classes, train_aug / val."""
 
   name = 'reco_voc'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return base.dataset_info(
-        self,
-        description='PASCAL VOC 2012 semantic segmentation with the SBD augmented training '
-        'masks (train_aug 10,582 / val 1,449).',
-        class_names=CLASS_NAMES,
-        homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/')
+  CLASS_NAMES = CLASS_NAMES
+  DESCRIPTION = ('PASCAL VOC 2012 semantic segmentation with the SBD augmented training '
+                 'masks (train_aug 10,582 / val 1,449).')
+  HOMEPAGE = 'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/'
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = raw_io.manual_dir(dl_manager, self.name, _INSTRUCTIONS)
