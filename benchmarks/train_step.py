@@ -8,17 +8,21 @@ DeepLabV3+ ResNet-101, 21 classes, 321x321 crops, Mean Teacher + ClassMix:
 3. seconds per supervised step (batch 2), with and without ReCo, beside the reference PyTorch
    figures (3.8 s and 40.4 s on 2 CPU threads).
 Ends with `reco_time_ratio=X reco_memory_ratio=Y` (with ReCo / without, semi-supervised).
+`--explain` prints only the compile-only decomposition of the overhead at the memory batch
+(temporary memory and XLA FLOPs with stand-in losses in place of ReCo; see benchmarks/README.md).
 
 Inputs are random, so the teacher is untrained: every unlabelled pixel is made valid for ReCo
 (weak threshold 0) and every pixel is a hard query, the most expensive case for the loss.
 
   PYTHONPATH=. python benchmarks/train_step.py
   PYTHONPATH=. python benchmarks/train_step.py --backbone=resnet_tiny --size=65  # smoke run
+  PYTHONPATH=. python benchmarks/train_step.py --explain --memory_batch=2
 """
 import argparse
 import functools
 import os
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,7 @@ from configs import voc
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import steps
+from reco_jax.losses import reco as reco_lib
 from reco_jax.models import deeplab
 
 
@@ -39,6 +44,42 @@ def make_config(method: str, reco: bool, batch: int, size: int):
   config.crop_size = (size, size)
   config.weak_threshold = 0.0
   return config
+
+
+def _halves(rep):
+  # One device: per_device_concat put the labelled representations first.
+  n = rep.shape[0] // 2
+  return rep[:n], rep[n:]
+
+
+def _separable_loss(key, rep, *args, **kwargs):
+  """Keeps the representation head and its backward pass; the two passes stay independent."""
+  del key, args, kwargs
+  return jnp.mean(rep)
+
+
+def _coupled_loss(key, rep, *args, **kwargs):
+  """As cheap as `_separable_loss`, but each pass's gradient depends on the other pass."""
+  del key, args, kwargs
+  l_rep, u_rep = _halves(rep)
+  sg = jax.lax.stop_gradient
+  return jnp.mean(l_rep) * sg(jnp.mean(u_rep)) + jnp.mean(u_rep) * sg(jnp.mean(l_rep))
+
+
+def _stopped_reco_loss(key, rep, *args, **kwargs):
+  """The real ReCo loss with no gradient into the network."""
+  return _REAL_RECO(key, jax.lax.stop_gradient(rep), *args, **kwargs)
+
+
+_REAL_RECO = reco_lib.reco_loss_per_device
+# name -> (config.reco, stand-in for reco_loss_per_device or None for the real loss)
+STAND_INS = {
+    'no ReCo': (False, None),
+    'ReCo': (True, None),
+    'ReCo, no gradient to the network': (True, _stopped_reco_loss),
+    'rep head + separable mean loss': (True, _separable_loss),
+    'rep head + coupling mean loss': (True, _coupled_loss),
+}
 
 
 def random_batch(rng, batch, size, num_classes, supervised):
@@ -80,19 +121,26 @@ def abstract_batch(batch, mesh):
                       batch)
 
 
-def temp_memory(config, model, mesh, size, rng):
-  """(temporary bytes, compile seconds) of the jitted step, compiled only."""
+def temp_memory(config, model, mesh, size, rng, loss=None):
+  """(temporary bytes, XLA FLOPs, compile seconds) of the jitted step, compiled only.
+
+  loss: optional stand-in for `reco_loss_per_device` (same signature).
+  """
   batch = random_batch(rng, config.batch_size, size, config.num_classes,
                        config.method == 'supervised')
-  step = steps.make_train_step(config, model, mesh)
-  start = time.perf_counter()
-  compiled = step.lower(abstract_state(config, model, size), abstract_batch(batch, mesh),
-                        jax.random.key(0)).compile()
-  return compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - start
+  with mock.patch.object(reco_lib, 'reco_loss_per_device', loss or _REAL_RECO):
+    step = steps.make_train_step(config, model, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(abstract_state(config, model, size), abstract_batch(batch, mesh),
+                          jax.random.key(0)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return (compiled.memory_analysis().temp_size_in_bytes, cost['flops'],
+          time.perf_counter() - start)
 
 
 def seconds_per_step(config, model, mesh, state, size, rng, num_steps):
-  """(mean seconds per step after one warm-up step, compile seconds, last loss)."""
+  """(mean wall s, mean process CPU s per step after one warm-up step, compile s, last loss)."""
   batch = parallel.shard_batch(mesh, random_batch(rng, config.batch_size, size,
                                                   config.num_classes,
                                                   config.method == 'supervised'))
@@ -103,11 +151,12 @@ def seconds_per_step(config, model, mesh, state, size, rng, num_steps):
   compile_s = time.perf_counter() - start
   state, metrics = step(state, batch, key)
   jax.block_until_ready(metrics)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   for _ in range(num_steps):
     state, metrics = step(state, batch, key)
     jax.block_until_ready(metrics)
-  return (time.perf_counter() - start) / num_steps, compile_s, float(metrics['loss'])
+  return ((time.perf_counter() - start) / num_steps,
+          (time.process_time() - cpu_start) / num_steps, compile_s, float(metrics['loss']))
 
 
 def main():
@@ -117,6 +166,7 @@ def main():
   parser.add_argument('--memory_batch', type=int, default=10)
   parser.add_argument('--time_batch', type=int, default=2)
   parser.add_argument('--steps', type=int, default=2)
+  parser.add_argument('--explain', action='store_true')
   args = parser.parse_args()
   print(f'jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), '
         f'load average {os.getloadavg()}', flush=True)
@@ -125,13 +175,27 @@ def main():
   model = deeplab.build_model('deeplabv3p', num_classes=21, backbone=args.backbone,
                               output_stride=16, rep_dim=256)
   size = args.size
+  shape = f'{args.memory_batch}+{args.memory_batch}'
+
+  if args.explain:
+    base = None
+    for name, (reco, loss) in STAND_INS.items():
+      config = make_config('classmix', reco, args.memory_batch, size)
+      temp, flops, compile_s = temp_memory(config, model, mesh, size, rng, loss)
+      base = base or (temp, flops)
+      print(f'classmix {shape} {name}: temp memory {temp / 2**30:.3f} GiB '
+            f'(x{temp / base[0]:.3f}), {flops / 1e9:.1f} GFLOP (x{flops / base[1]:.3f}) '
+            f'(compile {compile_s:.0f} s)', flush=True)
+    print(f'load average {os.getloadavg()}')
+    return
 
   memory = {}
   for reco in (False, True):
     config = make_config('classmix', reco, args.memory_batch, size)
-    memory[reco], compile_s = temp_memory(config, model, mesh, size, rng)
-    print(f'classmix {args.memory_batch}+{args.memory_batch} reco={reco}: temp memory '
-          f'{memory[reco] / 2**30:.2f} GiB (compile {compile_s:.0f} s)', flush=True)
+    memory[reco], flops, compile_s = temp_memory(config, model, mesh, size, rng)
+    print(f'classmix {shape} reco={reco}: temp memory '
+          f'{memory[reco] / 2**30:.2f} GiB, {flops / 1e9:.1f} GFLOP (compile {compile_s:.0f} s)',
+          flush=True)
 
   start = time.perf_counter()
   state = state_lib.create_train_state(make_config('classmix', False, 2, size), model,
@@ -143,12 +207,12 @@ def main():
   for method, batch in (('classmix', args.time_batch), ('supervised', 2)):
     for reco in (False, True):
       config = make_config(method, reco, batch, size)
-      secs, compile_s, loss = seconds_per_step(config, model, mesh, state, size, rng,
-                                               args.steps)
+      secs, cpu, compile_s, loss = seconds_per_step(config, model, mesh, state, size, rng,
+                                                    args.steps)
       timing[method, reco] = secs
       shape = f'{batch}+{batch}' if method != 'supervised' else f'{batch}'
-      print(f'{method} {shape} reco={reco}: {secs:.2f} s/step (compile {compile_s:.0f} s, '
-            f'loss {loss:.3f})', flush=True)
+      print(f'{method} {shape} reco={reco}: {secs:.2f} s/step, '
+            f'CPU {cpu:.2f} s/step (compile {compile_s:.0f} s, loss {loss:.3f})', flush=True)
   print('reference PyTorch (DESIGN §9, 2 CPU threads, batch 2): supervised 3.8 s/step, '
         'with ReCo 40.4 s/step')
   print(f'load average {os.getloadavg()}')

@@ -122,8 +122,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.query_mode = 'hard'
   c.key_mode = 'active'
   c.average_prototypes = False
-  # Activation checkpointing of the student passes: '', 'labelled' or 'convs' (steps.py).
-  c.remat = ''
   c.num_train_steps = 40000
   c.log_every_steps = 50
   c.eval_every_steps = 1000

@@ -21,6 +21,7 @@ from reco_jax.losses import segmentation
 from reco_jax.models import resize
 from reco_jax.semi import augment
 from reco_jax.semi import mixing
+from reco_jax.semi import rescale
 
 VOID = 255
 METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
@@ -184,7 +185,14 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                          "labels of the unlabelled branch as batch['unlabelled']['label'].")
       pseudo, confidence = fill_partial_labels(pseudo, confidence, batch['unlabelled']['label'])
 
-    m_images, m_labels, m_conf = mixing.mix(k_mix, u_images, pseudo, confidence, config.method,
+    # As the reference, each pseudo-labelled image is randomly rescaled (the dataset's scale
+    # range), padded and cropped back to its size before mixing; given partial labels go
+    # along with the pseudo-labels they were merged into.
+    k_scale, k_mix = jax.random.split(k_mix)
+    s_images, pseudo, confidence = rescale.random_scale_crop(
+        k_scale, u_images, pseudo, confidence, scale_range=tuple(config.scale_range),
+        ignore_label=VOID)
+    m_images, m_labels, m_conf = mixing.mix(k_mix, s_images, pseudo, confidence, config.method,
                                             num_classes=int(config.num_classes))
     m_images, m_labels, m_conf = augment.strong_augment(k_aug, m_images, m_labels, m_conf)
     m_images, m_labels, m_conf = jax.tree.map(jax.lax.stop_gradient,

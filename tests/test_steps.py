@@ -19,6 +19,7 @@ from reco_jax.models import deeplab
 from reco_jax.models import resize
 from reco_jax.semi import augment
 from reco_jax.semi import mixing
+from reco_jax.semi import rescale
 
 NUM_CLASSES = 3
 SIZE = 33
@@ -32,7 +33,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
       'method': 'classmix', 'reco': False, 'init_weights': '',
       'optimizer': {'learning_rate': 2.5e-3, 'momentum': 0.9, 'nesterov': True,
                     'weight_decay': 5e-4, 'poly_power': 0.9, 'min_learning_rate': 1e-6},
-      'num_train_steps': 100, 'ema_decay': 0.99,
+      'num_train_steps': 100, 'ema_decay': 0.99, 'scale_range': (0.75, 1.25),
       # Low thresholds: an untrained 3-class model is rarely 97% sure of anything.
       'strong_threshold': 0.5, 'weak_threshold': 0.4,
       'reco_temperature': 0.5, 'num_queries': 8, 'num_negatives': 16,
@@ -188,7 +189,7 @@ def test_semi_supervised_variants_train(mesh, model, state, method, reco, partia
 
 
 def test_semi_step_matches_hand_composition(mesh, model, state):
-  """Teacher in train mode, mixing, then two student passes (labelled first), then EMA."""
+  """Teacher in train mode, rescale, mixing, two student passes (labelled first), EMA."""
   config = tiny_config(method='cutmix')
   # A teacher unlike the student, so that using the wrong model shows.
   state = state.replace(ema_params=jax.tree.map(lambda x: x * 1.1, state.ema_params))
@@ -209,8 +210,10 @@ def test_semi_step_matches_hand_composition(mesh, model, state):
     t_prob = jax.nn.softmax(resize.bilinear_align_corners(t_logits, (SIZE, SIZE)), -1)
     conf, pseudo = jnp.max(t_prob, -1), jnp.argmax(t_prob, -1).astype(jnp.int32)
     k_mix, k_aug, _ = steps.step_keys(key, jnp.asarray(0))
-    mixed = mixing.mix(k_mix, jnp.asarray(u_img), pseudo, conf, 'cutmix',
-                       num_classes=NUM_CLASSES)
+    k_scale, k_mix = jax.random.split(k_mix)
+    scaled = rescale.random_scale_crop(k_scale, jnp.asarray(u_img), pseudo, conf,
+                                       scale_range=config.scale_range)
+    mixed = mixing.mix(k_mix, *scaled, 'cutmix', num_classes=NUM_CLASSES)
     m_img, m_lab, m_conf = augment.strong_augment(k_aug, *mixed)
 
     def losses(l_logits, u_logits):
@@ -229,11 +232,13 @@ def test_semi_step_matches_hand_composition(mesh, model, state):
     (logits, _), upd_one = model.apply(variables, jnp.concatenate([l_img, m_img]), train=True,
                                        mutable=['batch_stats'])
     return (conf.mean(), t_upd['batch_stats'], losses(l_logits, u_logits), upd['batch_stats'],
-            losses(logits[:BATCH], logits[BATCH:]), upd_one['batch_stats'])
+            losses(logits[:BATCH], logits[BATCH:]), upd_one['batch_stats'], scaled[0])
 
   args = (before.params, before.batch_stats, before.ema_params, before.ema_batch_stats)
-  (confidence, t_stats, (sup, unsup), stats, (sup_one, _), stats_one) = jax.jit(
+  (confidence, t_stats, (sup, unsup), stats, (sup_one, _), stats_one, scaled) = jax.jit(
       reference).lower(*args).compile(FAST_COMPILE)(*args)
+  # The rescale before mixing is not an identity here, so the step must have done it too.
+  assert np.abs(np.asarray(scaled) - u_img).max() > 0.1
   assert float(metrics['pseudo_confidence']) == pytest.approx(float(confidence), rel=1e-5)
   leaves_close(new_state.ema_batch_stats, t_stats, rtol=1e-4, atol=1e-6)
   assert float(metrics['sup_loss']) == pytest.approx(float(sup), rel=1e-4)
