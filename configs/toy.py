@@ -1,8 +1,14 @@
 """The built-in toy dataset: the whole system on a laptop CPU in a few minutes.
 
 `python -m reco_jax.main --config=configs/toy.py --workdir=/tmp/reco_toy` trains a tiny
-DeepLabV3+ (ResNet 'resnet_tiny', narrow heads) with ClassMix + ReCo from 50 labelled images of
-`reco_toy` (generated on first use) and evaluates it on the 200 validation images.
+DeepLabV3+ (ResNet 'resnet_tiny' with heads of 64 channels) with ClassMix + ReCo from 50
+labelled images of `reco_toy` (generated on first use) for 1500 steps, and evaluates it on the
+200 validation images every 500 steps. On a busy 2-core CPU this takes about 4-5 minutes and
+reaches an eval mIoU of about 0.21 (background about 0.9; the shape classes stay hard for so
+small a backbone). Widening the heads to 128 gives no better mIoU and runs about 1.6x slower;
+output stride 8 runs about 4x slower. The toy exercises the system rather than the paper's
+gains: in the same budget ReCo lifts ClassMix (about 0.20 without it), but a supervised run on
+the same 50 labels (method=supervised,reco=False) reaches about 0.22.
 
 Arguments as the paper configs: labels=N (0 = all, default 50), partial=p0|p1|p5|p25,
 method=supervised|cutout|cutmix|classmix, reco=True|False, seed=S,
@@ -15,9 +21,9 @@ def get_config(arg=None):
   return common.paper_config(
       dict(dataset='reco_toy', num_classes=9, min_classes=2, crop_size=(64, 64),
            scale_range=(0.75, 1.25), eval_size=(96, 96), batch_size=8, eval_batch_size=8,
-           model=dict(backbone='resnet_tiny', rep_dim=32, aspp_dim=32, low_level_dim=16,
-                      head_dim=32),
-           optimizer=dict(learning_rate=0.1),
-           num_queries=64, num_negatives=128, num_train_steps=2000, log_every_steps=50,
-           eval_every_steps=1000, checkpoint_every_steps=1000),
+           model=dict(backbone='resnet_tiny', rep_dim=32, aspp_dim=64, low_level_dim=32,
+                      head_dim=64),
+           optimizer=dict(learning_rate=0.05),
+           num_queries=64, num_negatives=128, num_train_steps=1500, log_every_steps=50,
+           eval_every_steps=500, checkpoint_every_steps=500),
       arg, default_labels=50)
