@@ -87,16 +87,9 @@ class RecoFolder(base.SegmentationBuilder):
       raw_io.raise_if_missing(missing, 2 * len(ids), f'files of the {split} split ({filename})',
                               self.name, _INSTRUCTIONS)
       generators[split] = self._generate_examples(
-          [(i, images[i], labels[i], len(names)) for i in ids])
+          [(i, images[i], labels[i]) for i in ids], len(names))
     return generators
 
-  def _generate_examples(self, items: list[tuple[str, epath.Path, epath.Path, int]]):
-    yield from raw_io.ordered_map(_load, items)
-
-
-def _load(item: tuple[str, epath.Path, epath.Path, int]) -> tuple[str, dict]:
-  image_id, image_path, label_path, num_classes = item
-  image = raw_io.read_rgb(image_path)
-  label = raw_io.read_label(label_path)
-  example = base.make_example(image_id, image, label, num_classes)
-  return image_id, raw_io.encode_example(example)
+  def _generate_examples(self, items: list[tuple[str, epath.Path, epath.Path]],
+                         num_classes: int):
+    yield from raw_io.load_examples(items, num_classes)

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from reco_jax.data import base
+
 _T = TypeVar('_T')
 _R = TypeVar('_R')
 
@@ -178,3 +180,23 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T],
       # On an error or an early stop, drop the work not started yet.
       for future in pending:
         future.cancel()
+
+
+def load_examples(items: Iterable[tuple[str, epath.Path, epath.Path]], num_classes: int,
+                  transform: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+                  | None = None) -> Iterator[tuple[str, dict]]:
+  """Reads (image id, image path, label path) items into encoded examples, in order.
+
+  `transform(image, label)` (resize, label mapping) runs after the size check and before
+  `base.make_example` validates the labels against `num_classes`.
+  """
+  def load(item):
+    image_id, image_path, label_path = item
+    image = read_rgb(image_path)
+    label = read_label(label_path)
+    check_same_size(image_id, image, label)
+    if transform is not None:
+      image, label = transform(image, label)
+    return image_id, encode_example(base.make_example(image_id, image, label, num_classes))
+
+  return ordered_map(load, items)

@@ -135,15 +135,9 @@ class RecoSunRgbd(base.SegmentationBuilder):
     return numbers
 
   def _generate_examples(self, items: list[tuple[str, epath.Path, epath.Path]]):
-    yield from raw_io.ordered_map(_load, items)
+    yield from raw_io.load_examples(items, len(CLASS_NAMES), _resize)
 
 
-def _load(item: tuple[str, epath.Path, epath.Path]) -> tuple[str, dict]:
-  image_id, image_path, label_path = item
-  image = raw_io.read_rgb(image_path)
-  label = raw_io.read_label(label_path)
-  raw_io.check_same_size(image_id, image, label)
-  image = raw_io.resize_image(image, SIZE, IMAGE_RESAMPLE)
-  label = to_class_ids(raw_io.resize_label(label, SIZE))
-  example = base.make_example(image_id, image, label, len(CLASS_NAMES))
-  return image_id, raw_io.encode_example(example)
+def _resize(image, label):
+  return (raw_io.resize_image(image, SIZE, IMAGE_RESAMPLE),
+          to_class_ids(raw_io.resize_label(label, SIZE)))

@@ -66,12 +66,4 @@ class RecoVoc(base.SegmentationBuilder):
     return generators
 
   def _generate_examples(self, items: list[tuple[str, epath.Path, epath.Path]]):
-    yield from raw_io.ordered_map(_load, items)
-
-
-def _load(item: tuple[str, epath.Path, epath.Path]) -> tuple[str, dict]:
-  image_id, image_path, label_path = item
-  image = raw_io.read_rgb(image_path)
-  label = raw_io.read_label(label_path)
-  example = base.make_example(image_id, image, label, len(CLASS_NAMES))
-  return image_id, raw_io.encode_example(example)
+    yield from raw_io.load_examples(items, len(CLASS_NAMES))
