@@ -352,10 +352,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = ocp.CheckpointManager(
       checkpoint_dir, options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True))
-  # A second manager keeps the state with the best eval mIoU, whatever its age.
+  # A second manager keeps the state with the best eval mIoU, whatever its age. Both save the
+  # same steps; on several hosts their barriers need distinct names, or the finalisation of
+  # one manager's save can meet the other's barrier and both wait until they time out.
   best_manager = ocp.CheckpointManager(
       workdir / 'checkpoints_best', options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m[_BEST_METRIC], best_mode='max', create=True))
+          max_to_keep=1, best_fn=lambda m: m[_BEST_METRIC], best_mode='max', create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix='best')))
   start = manager.latest_step() or 0
   if start:
     logging.info('Resuming from the checkpoint of step %d in %s.', start, checkpoint_dir)
