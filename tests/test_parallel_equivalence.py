@@ -8,18 +8,9 @@ from reco_jax import parallel
 from reco_jax import steps
 from reco_jax.losses import reco as reco_lib
 from reco_jax.models import resize
-from test_steps import (BATCH, FAST_COMPILE, compile_step, make_batch, max_abs_diff,
-                        shared_model_and_state, tiny_config)
-
-
-@pytest.fixture(scope='module')
-def model():
-  return shared_model_and_state()[0]
-
-
-@pytest.fixture(scope='module')
-def initial_state():
-  return shared_model_and_state()[1]
+# The fixtures `model` and `initial_state` are shared with the step tests.
+from test_steps import (BATCH, FAST_COMPILE, compile_step, initial_state, make_batch,  # noqa: F401
+                        max_abs_diff, model, tiny_config)
 
 
 def state_on(mesh, state):
