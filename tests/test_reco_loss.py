@@ -175,6 +175,29 @@ def test_value_and_gradient_match_loop_reference_given_the_same_samples(shared):
   np.testing.assert_allclose(grad, np.asarray(ref_grad), atol=1e-6, rtol=1e-4)
 
 
+def test_draws_do_not_depend_on_block_size_or_on_which_classes_are_active():
+  rep, labels, valid, prob = _random_batch(4, num_classes=5)
+  # Class 1 has no hard query (inactive), so the active rows are laid out around it.
+  prob[labels == 1] = np.eye(5, dtype=np.float32)[1]
+  key = jax.random.key(6)
+  kwargs = dict(num_queries=5, num_negatives=7)
+  runs = [_samples(key, rep, labels, valid, prob, block_rows=b, **kwargs) for b in (1, 3, 8)]
+  num_pixels = labels.size
+  for loss, samples in runs[1:]:
+    assert loss == pytest.approx(runs[0][0], rel=1e-6)
+    np.testing.assert_array_equal(samples['key'], runs[0][1]['key'])
+  keys = runs[0][1]['key']
+  assert np.all(keys[1] == num_pixels)  # the inactive class draws nothing
+  assert np.all(keys[[0, 2, 3, 4]] < num_pixels)
+  # Making class 1 active shifts the other classes' rows in the layout but not their draws.
+  all_active = prob.copy()
+  all_active[labels == 1] = 0.2
+  _, samples = _samples(key, rep, labels, valid, all_active, block_rows=3, **kwargs)
+  assert np.all(samples['key'][1] < num_pixels)
+  for name in ('query', 'key'):
+    np.testing.assert_array_equal(samples[name][[0, 2, 3, 4]], runs[0][1][name][[0, 2, 3, 4]])
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

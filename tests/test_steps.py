@@ -175,7 +175,10 @@ def test_supervised_step_trains_and_fits(mesh, model, state):
 
 
 @pytest.mark.parametrize('method,reco,partial', [
+    ('cutout', False, ''),
     ('cutout', True, ''),
+    ('cutmix', True, ''),
+    ('classmix', True, ''),
     ('classmix', True, 'p1'),
 ])
 def test_semi_supervised_variants_train(mesh, model, state, method, reco, partial):

@@ -327,24 +327,37 @@ def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_q
 def _per_query_negatives(key, q_unit, proto_unit, class_active, neg_cdf, neg_last, key_order,
                          key_count, key_offset, gather_keys, num_negatives, temperature,
                          block_rows, return_samples):
-  """Each query gets its own negatives; a scan over blocks of query rows bounds memory.
+  """Each query gets its own negatives; a loop over blocks of query rows bounds memory.
 
-  q_unit: [C, Q, m] (no gradient). Returns loss [C, Q], weighted mean key [C, Q, m] and (if
-  return_samples, else None) the key indices [C, Q, N].
+  Only the rows of active classes are visited: they are laid out class by class in the order
+  of the active classes, and the loop runs for as many blocks as they fill (a data-dependent
+  trip count over fixed-size blocks), so a batch with few classes costs proportionally less.
+  Each row draws from its own key, folded from its class-major id, so neither the layout nor
+  block_rows changes any draw.
+
+  q_unit: [C, Q, m] (no gradient). Returns loss [C, Q], weighted mean key [C, Q, m] (rows of
+  inactive classes hold 0) and (if return_samples, else None) the key indices [C, Q, N].
   """
   num_classes, num_queries, m = q_unit.shape
   num_pixels = key_order.shape[0]
   rows = num_classes * num_queries
   blocks = -(-rows // block_rows)
   padded = blocks * block_rows
-  row_ids = jnp.arange(padded)
-  row_class = jnp.minimum(row_ids // num_queries, num_classes - 1)
-  row_active = class_active[row_class] & (row_ids < rows)
-  q_rows = jnp.pad(q_unit.reshape(rows, m), ((0, padded - rows), (0, 0)))
+  # Active classes first (stable), and where each class's rows start in that layout.
+  class_rank = jnp.argsort(~class_active, stable=True).astype(jnp.int32)
+  slot = jnp.zeros(num_classes, jnp.int32).at[class_rank].set(
+      jnp.arange(num_classes, dtype=jnp.int32), unique_indices=True)
+  active_rows = jnp.sum(class_active.astype(jnp.int32)) * num_queries
+  layout = jnp.arange(padded, dtype=jnp.int32)
+  row_class = class_rank[jnp.minimum(layout // num_queries, num_classes - 1)]
+  row_ids = row_class * num_queries + layout % num_queries  # class-major id of each row
+  row_active = layout < active_rows
 
-  def body(_, xs):
-    ids_b, cls_b, act_b, q_b = xs
-    # A key per query row, so the draws do not depend on block_rows.
+  def body(b, outputs):
+    start = b * block_rows
+    ids_b, cls_b, act_b = (lax.dynamic_slice_in_dim(a, start, block_rows)
+                           for a in (row_ids, row_class, row_active))
+    q_b = q_unit.reshape(rows, m)[jnp.minimum(ids_b, rows - 1)]
     uk = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), (2, num_negatives),
                                             jnp.uint32))(ids_b)
     neg_cls = _draw_negative_classes(_to_unit_float(uk[:, 0]), neg_cdf[cls_b], neg_last[cls_b])
@@ -353,15 +366,25 @@ def _per_query_negatives(key, q_unit, proto_unit, class_active, neg_cdf, neg_las
     keys, scale = gather_keys(idx)
     loss, mean_key = _contrast_rows(q_b[:, None], proto_unit[cls_b][:, None], keys[:, None],
                                     scale[:, None], temperature)
-    return None, (loss[:, 0], mean_key[:, 0], idx if return_samples else None)
+    new = (loss[:, 0], mean_key[:, 0], idx if return_samples else None)
+    return jax.tree.map(lambda out, x: lax.dynamic_update_slice_in_dim(out, x, start, 0),
+                        outputs, new)
 
-  xs = (row_ids, row_class, row_active, q_rows)
-  xs = jax.tree.map(lambda a: a.reshape((blocks, block_rows) + a.shape[1:]), xs)
-  _, (loss, mean_key, idx) = lax.scan(body, None, xs)
-  loss = loss.reshape(padded)[:rows].reshape(num_classes, num_queries)
-  mean_key = mean_key.reshape(padded, m)[:rows].reshape(num_classes, num_queries, m)
-  if return_samples:
-    idx = idx.reshape(padded, num_negatives)[:rows].reshape(num_classes, num_queries, -1)
+  outputs = (jnp.zeros(padded, jnp.float32), jnp.zeros((padded, m), jnp.float32),
+             jnp.full((padded, num_negatives), num_pixels, jnp.int32) if return_samples
+             else None)
+  # The first block runs outside the loop, so that inside shard_map the carry already varies
+  # across devices as the block results do (its rows are never read back if no class is
+  # active).
+  outputs = body(0, outputs)
+  num_blocks = (active_rows + block_rows - 1) // block_rows
+  outputs = lax.fori_loop(1, num_blocks, body, outputs)
+  # Back to class-major [C, Q, ...]; inactive classes read zeros (or index P) from the end.
+  back = slot[:, None] * num_queries + jnp.arange(num_queries)
+  back = jnp.where(class_active[:, None], back, padded)
+  loss, mean_key = (a.at[back].get(mode='fill', fill_value=0) for a in outputs[:2])
+  idx = (outputs[2].at[back].get(mode='fill', fill_value=num_pixels) if return_samples
+         else None)
   return loss, mean_key, idx
 
 
