@@ -17,6 +17,7 @@ Inputs are random, so the teacher is untrained: every unlabelled pixel is made v
   PYTHONPATH=. python benchmarks/train_step.py
   PYTHONPATH=. python benchmarks/train_step.py --backbone=resnet_tiny --size=65  # smoke run
   PYTHONPATH=. python benchmarks/train_step.py --explain --memory_batch=2
+  PYTHONPATH=. python benchmarks/train_step.py --recompute_labelled  # the memory-saving mode
 """
 import argparse
 import functools
@@ -36,10 +37,11 @@ from reco_jax.losses import reco as reco_lib
 from reco_jax.models import deeplab
 
 
-def make_config(method: str, reco: bool, batch: int, size: int):
+def make_config(method: str, reco: bool, batch: int, size: int, recompute: bool = False):
   config = voc.get_config()
   config.method = method
   config.reco = reco
+  config.recompute_labelled = recompute
   config.batch_size = batch
   config.crop_size = (size, size)
   config.weak_threshold = 0.0
@@ -167,6 +169,8 @@ def main():
   parser.add_argument('--time_batch', type=int, default=2)
   parser.add_argument('--steps', type=int, default=2)
   parser.add_argument('--explain', action='store_true')
+  parser.add_argument('--recompute_labelled', action='store_true',
+                      help='semi-supervised steps with config.recompute_labelled=True')
   args = parser.parse_args()
   print(f'jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), '
         f'load average {os.getloadavg()}', flush=True)
@@ -191,7 +195,7 @@ def main():
 
   memory = {}
   for reco in (False, True):
-    config = make_config('classmix', reco, args.memory_batch, size)
+    config = make_config('classmix', reco, args.memory_batch, size, args.recompute_labelled)
     memory[reco], flops, compile_s = temp_memory(config, model, mesh, size, rng)
     print(f'classmix {shape} reco={reco}: temp memory '
           f'{memory[reco] / 2**30:.2f} GiB, {flops / 1e9:.1f} GFLOP (compile {compile_s:.0f} s)',
@@ -206,7 +210,7 @@ def main():
   timing = {}
   for method, batch in (('classmix', args.time_batch), ('supervised', 2)):
     for reco in (False, True):
-      config = make_config(method, reco, batch, size)
+      config = make_config(method, reco, batch, size, args.recompute_labelled)
       secs, cpu, compile_s, loss = seconds_per_step(config, model, mesh, state, size, rng,
                                                     args.steps)
       timing[method, reco] = secs

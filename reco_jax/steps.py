@@ -92,6 +92,35 @@ def fill_partial_labels(pseudo: jax.Array, confidence: jax.Array,
           jnp.where(given, 1.0, confidence).astype(jnp.float32))
 
 
+def _recomputed_labelled_grads(student: Callable, losses: Callable, state, l_images: jax.Array,
+                              u_images: jax.Array):
+  """Gradient of losses(labelled pass, unlabelled pass), recomputing the labelled pass.
+
+  The same gradient as differentiating both passes at once, in an order that holds one pass's
+  activations at a time: the labelled pass runs forward keeping nothing, the unlabelled pass
+  runs forward and, once the losses' gradients with respect to both passes' outputs are known,
+  backward; only then (an optimisation barrier on the unlabelled parameter gradient enforces
+  it) does the labelled pass run again, forward and backward. Costs one more labelled forward
+  pass. student(params, batch_stats, images) -> (outputs, new batch_stats);
+  losses(l_outputs, u_outputs) -> (loss, parts). Returns (grads, batch_stats, parts).
+  """
+  params = state.params
+  l_out, l_stats = student(jax.lax.stop_gradient(params), state.batch_stats, l_images)
+  u_out, u_vjp, u_stats = jax.vjp(lambda p: student(p, l_stats, u_images), params,
+                                  has_aux=True)
+  (l_cot, u_cot), parts = jax.grad(losses, argnums=(0, 1), has_aux=True)(l_out, u_out)
+  (u_grads,) = u_vjp(u_cot)
+  # A zero that XLA cannot fold away (x * 0 is NaN for x = inf), computed from an entry of every
+  # unlabelled gradient: the recomputation cannot start before that backward pass has ended.
+  # (XLA's CPU compiler drops optimisation barriers before scheduling.)
+  done = sum(leaf.reshape(-1)[0] for leaf in jax.tree.leaves(u_grads))
+  l_images = l_images + (0.0 * done).astype(l_images.dtype)
+  _, l_vjp, _ = jax.vjp(lambda p: student(p, state.batch_stats, l_images), params,
+                       has_aux=True)
+  (l_grads,) = l_vjp(l_cot)
+  return jax.tree.map(jnp.add, l_grads, u_grads), u_stats, parts
+
+
 def _mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x.astype(jnp.float32))
 
@@ -198,15 +227,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     m_images, m_labels, m_conf = jax.tree.map(jax.lax.stop_gradient,
                                               (m_images, m_labels, m_conf))
 
-    def loss_fn(params):
-      # Two student passes, labelled first: each branch normalises with its own batch
-      # statistics and both update the running statistics in turn.
-      (l_logits, l_rep), updates = state.apply_fn(
-          {'params': params, 'batch_stats': state.batch_stats}, l_images, train=True,
+    def student(params, batch_stats, images):
+      """One student pass in training mode: ((logits, rep or None), updated batch_stats).
+
+      Without ReCo the representations are dropped here, so that no backward pass runs
+      through the representation head (with a zero cotangent) when the gradient is taken
+      with jax.vjp.
+      """
+      (logits, rep), updates = state.apply_fn(
+          {'params': params, 'batch_stats': batch_stats}, images, train=True,
           mutable=['batch_stats'])
-      (u_logits, u_rep), updates = state.apply_fn(
-          {'params': params, 'batch_stats': updates['batch_stats']}, m_images, train=True,
-          mutable=['batch_stats'])
+      return (logits, rep if config.reco else None), updates['batch_stats']
+
+    def losses(l_out, u_out):
+      """Total loss and its parts from the two passes' (logits, rep)."""
+      (l_logits, l_rep), (u_logits, u_rep) = l_out, u_out
       l_large = _upsample(l_logits, l_labels.shape[1:3])
       sup = segmentation.cross_entropy(l_large, l_labels, ignore_label=VOID)
       unsup = segmentation.unsupervised_loss(
@@ -233,10 +268,21 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
       else:
         reco_l = jnp.zeros((), jnp.float32)
       loss = sup + unsup + reco_l
-      parts = {'loss': loss, 'sup_loss': sup, 'unsup_loss': unsup, 'reco_loss': reco_l}
-      return loss, (updates['batch_stats'], parts)
+      return loss, {'loss': loss, 'sup_loss': sup, 'unsup_loss': unsup, 'reco_loss': reco_l}
 
-    grads, (batch_stats, parts) = jax.grad(loss_fn, has_aux=True)(state.params)
+    # Two student passes, labelled first: each branch normalises with its own batch statistics
+    # and both update the running statistics in turn.
+    if config.recompute_labelled:
+      grads, batch_stats, parts = _recomputed_labelled_grads(student, losses, state, l_images,
+                                                            m_images)
+    else:
+      def loss_fn(params):
+        l_out, l_stats = student(params, state.batch_stats, l_images)
+        u_out, u_stats = student(params, l_stats, m_images)
+        loss, parts = losses(l_out, u_out)
+        return loss, (u_stats, parts)
+
+      grads, (batch_stats, parts) = jax.grad(loss_fn, has_aux=True)(state.params)
     metrics.update(parts)
     state, metrics = apply_optimizer(state, grads, batch_stats, metrics)
     # Teacher update after the student's, with t = number of earlier updates.

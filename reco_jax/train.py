@@ -75,7 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               'eval_batch_size', 'method', 'reco', 'model', 'init_weights', 'optimizer',
               'ema_decay', 'strong_threshold', 'weak_threshold', 'reco_temperature',
               'num_queries', 'num_negatives', 'query_mode', 'key_mode', 'average_prototypes',
-              'num_train_steps', 'log_every_steps', 'eval_every_steps',
+              'recompute_labelled', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
               'checkpoint_every_steps', 'keep_checkpoints', 'num_image_summaries', 'seed')
   missing = [k for k in required if k not in config]
   if missing:

@@ -38,6 +38,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
       'strong_threshold': 0.5, 'weak_threshold': 0.4,
       'reco_temperature': 0.5, 'num_queries': 8, 'num_negatives': 16,
       'query_mode': 'hard', 'key_mode': 'active', 'average_prototypes': False,
+      'recompute_labelled': False,
   })
   config.update(overrides)
   return config
@@ -189,6 +190,33 @@ def test_semi_supervised_variants_train(mesh, model, state, method, reco, partia
   step = compile_step(config, model, mesh, state, batch, key)
   state, history = run_steps(step, state, batch, key, 3)
   check_training(config, init, state, history)
+
+
+@pytest.mark.parametrize('method,reco,partial', [
+    ('classmix', True, ''),
+    ('cutout', False, ''),
+    ('classmix', True, 'p1'),
+])
+def test_recomputing_the_labelled_pass_changes_nothing(mesh, model, initial_state, method,
+                                                       reco, partial):
+  batch = parallel.shard_batch(mesh, make_batch(partial=bool(partial)))
+  key = jax.random.key(5)
+  results = []
+  for recompute in (False, True):
+    config = tiny_config(method=method, reco=reco, partial=partial,
+                         recompute_labelled=recompute)
+    state = jax.tree.map(jnp.copy, initial_state)
+    step = compile_step(config, model, mesh, state, batch, key)
+    results.append(run_steps(step, state, batch, key, 2))
+  (plain, plain_history), (recomputed, recomputed_history) = results
+  if reco:
+    assert plain_history[-1]['reco_loss'] > 0
+  for before, after in zip(plain_history, recomputed_history):
+    assert before.keys() == after.keys()
+    for name in before:
+      assert after[name] == pytest.approx(before[name], rel=1e-5, abs=1e-6), name
+  for part in ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats'):
+    leaves_close(getattr(recomputed, part), getattr(plain, part), rtol=1e-5, atol=1e-6)
 
 
 def test_semi_step_matches_hand_composition(mesh, model, state):
