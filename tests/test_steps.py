@@ -219,6 +219,21 @@ def test_recomputing_the_labelled_pass_changes_nothing(mesh, model, initial_stat
     leaves_close(getattr(recomputed, part), getattr(plain, part), rtol=1e-5, atol=1e-6)
 
 
+def test_recomputing_the_labelled_pass_holds_less_memory(mesh, model, initial_state):
+  """The recomputation must run after the unlabelled backward pass, or it saves nothing."""
+  batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.data_sharding(mesh)),
+      make_batch())
+  temp = {}
+  for recompute in (False, True):
+    step = steps.make_train_step(tiny_config(reco=True, recompute_labelled=recompute), model,
+                                 mesh)
+    compiled = step.lower(initial_state, batch, jax.random.key(0)).compile()
+    temp[recompute] = compiled.memory_analysis().temp_size_in_bytes
+  # Measured 3.51 -> 2.70 MiB; in an unordered schedule both are 3.51 MiB.
+  assert temp[True] < 0.85 * temp[False], temp
+
+
 def test_semi_step_matches_hand_composition(mesh, model, state):
   """Teacher in train mode, rescale, mixing, two student passes (labelled first), EMA."""
   config = tiny_config(method='cutmix')
