@@ -195,7 +195,6 @@ def test_semi_supervised_variants_train(mesh, model, state, method, reco, partia
 @pytest.mark.parametrize('method,reco,partial', [
     ('classmix', True, ''),
     ('cutout', False, ''),
-    ('classmix', True, 'p1'),
 ])
 def test_recomputing_the_labelled_pass_changes_nothing(mesh, model, initial_state, method,
                                                        reco, partial):
