@@ -99,9 +99,9 @@ def _recomputed_labelled_grads(student: Callable, losses: Callable, state, l_ima
   The same gradient as differentiating both passes at once, in an order that holds one pass's
   activations at a time: the labelled pass runs forward keeping nothing, the unlabelled pass
   runs forward and, once the losses' gradients with respect to both passes' outputs are known,
-  backward; only then (an optimisation barrier on the unlabelled parameter gradient enforces
-  it) does the labelled pass run again, forward and backward. Costs one more labelled forward
-  pass. student(params, batch_stats, images) -> (outputs, new batch_stats);
+  backward; only then (a data dependency on the finished unlabelled parameter gradient
+  enforces it) does the labelled pass run again, forward and backward. Costs one more labelled
+  forward pass. student(params, batch_stats, images) -> (outputs, new batch_stats);
   losses(l_outputs, u_outputs) -> (loss, parts). Returns (grads, batch_stats, parts).
   """
   params = state.params
