@@ -1,0 +1,307 @@
+"""What a training workdir holds, read back: its config, checkpoint managers and states.
+
+`reco_jax.train` writes, and the tools (`reco_jax.evaluate`, `predict`, `relations`,
+`results`) read:
+
+  WORKDIR/config.json          the resolved config (ConfigDict.to_json_best_effort)
+  WORKDIR/checkpoints/STEP     the latest train states (orbax, ocp.args.StandardSave)
+  WORKDIR/checkpoints_best/S   the state with the best eval mIoU
+  WORKDIR/events.out.tfevents.*  TensorBoard scalars (CLU metric writers)
+
+The managers are built here with the trainer's options so that both sides agree on them.
+"""
+from collections.abc import Sequence
+import dataclasses
+import json
+from typing import Any
+
+from etils import epath
+import flax.linen as nn
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from reco_jax import state as state_lib
+
+CONFIG_FILE = 'config.json'
+CHECKPOINTS = 'checkpoints'
+BEST_CHECKPOINTS = 'checkpoints_best'
+BEST_METRIC = 'eval/miou'
+# The evaluation split is the first of these the dataset has (as in reco_jax.train).
+EVAL_SPLITS = ('validation', 'val', 'test')
+
+
+def _train_hint(workdir) -> str:
+  return (f'Train into it first (python -m reco_jax.main --config=configs/... '
+          f'--workdir={workdir}), or pass the --workdir of a finished run.')
+
+
+def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
+  """The config a run wrote to WORKDIR/config.json, as a ConfigDict (nested dicts included).
+
+  JSON has no tuples, so pairs such as crop_size come back as lists; every consumer takes
+  them through tuple(...).
+
+  Raises:
+    FileNotFoundError: no config.json in `workdir`, naming what was expected.
+    ValueError: config.json is not a JSON object.
+  """
+  workdir = epath.Path(workdir)
+  path = workdir / CONFIG_FILE
+  if not path.exists():
+    what = 'does not exist' if not workdir.exists() else f'has no {CONFIG_FILE}'
+    raise FileNotFoundError(
+        f'{workdir} {what}: expected a training workdir holding {CONFIG_FILE} (written by '
+        f'reco_jax.train) and checkpoints under {CHECKPOINTS}/. {_train_hint(workdir)}')
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); it should be the config written by '
+                     'reco_jax.train.') from e
+  if not isinstance(values, dict):
+    raise ValueError(f'{path} holds a {type(values).__name__}, expected a JSON object (the '
+                     'config written by reco_jax.train).')
+  return ml_collections.ConfigDict(values)
+
+
+def best_manager_options(create: bool = True, **kwargs) -> ocp.CheckpointManagerOptions:
+  """Options of the best-checkpoint manager: one state, the one with the highest eval mIoU.
+
+  On several hosts the two managers' barriers need distinct names, or the finalisation of one
+  manager's save can meet the other's barrier and both wait until they time out.
+  """
+  return ocp.CheckpointManagerOptions(
+      max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max',
+      create=create, multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='best'), **kwargs)
+
+
+def checkpoint_managers(workdir: str | epath.Path, keep: int
+                        ) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  """(latest, best) managers for training into `workdir`, as reco_jax.train creates them.
+
+  keep: how many of the latest checkpoints to keep (config.keep_checkpoints). Save to the
+  best manager with metrics={BEST_METRIC: miou}.
+  """
+  workdir = epath.Path(workdir)
+  latest = ocp.CheckpointManager(workdir / CHECKPOINTS, options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True))
+  best = ocp.CheckpointManager(workdir / BEST_CHECKPOINTS, options=best_manager_options())
+  return latest, best
+
+
+def abstract(tree):
+  """ShapeDtypeStructs (with shardings) of a pytree of arrays: an orbax restore target."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _steps(directory: epath.Path, best: bool) -> tuple[list[int], int | None]:
+  """(all steps, best or latest step) of the checkpoints in `directory` (read only)."""
+  if not directory.exists():
+    return [], None
+  options = (best_manager_options(create=False) if best else
+             ocp.CheckpointManagerOptions(create=False))
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    steps = list(manager.all_steps())
+    if not steps:
+      return [], None
+    # A best directory whose metrics cannot be read still has one step: its latest.
+    chosen = (manager.best_step() if best else None) or manager.latest_step()
+  return sorted(steps), chosen
+
+
+def find_checkpoint(workdir: str | epath.Path, checkpoint: str | int = 'best'
+                    ) -> tuple[epath.Path, int]:
+  """(checkpoint directory, step) that `checkpoint` names in `workdir`.
+
+  checkpoint: 'best' (checkpoints_best; the latest checkpoint when the run never evaluated),
+    'latest' (checkpoints, the newest step) or a step number (an int or its digits), looked
+    up in checkpoints/ first, then in checkpoints_best/.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoints at all.
+    ValueError: `checkpoint` is neither 'best', 'latest' nor a saved step (the message lists
+      the saved steps).
+  """
+  workdir = epath.Path(workdir)
+  latest_dir, best_dir = workdir / CHECKPOINTS, workdir / BEST_CHECKPOINTS
+  latest_steps, latest = _steps(latest_dir, best=False)
+  best_steps, best = _steps(best_dir, best=True)
+  if latest is None and best is None:
+    raise FileNotFoundError(
+        f'{workdir} has no checkpoints: expected orbax checkpoints under {latest_dir} or '
+        f'{best_dir} (reco_jax.train saves them every config.checkpoint_every_steps). '
+        f'{_train_hint(workdir)}')
+  saved = (f'saved steps: {latest_steps} in {CHECKPOINTS}/, {best_steps} in '
+           f'{BEST_CHECKPOINTS}/')
+  text = str(checkpoint).strip().lower()
+  if text == 'best':
+    return (best_dir, best) if best is not None else (latest_dir, latest)
+  if text == 'latest':
+    return (latest_dir, latest) if latest is not None else (best_dir, best)
+  if not text.isdigit():
+    raise ValueError(f'Unknown checkpoint {checkpoint!r}: expected best, latest or a step '
+                     f'number ({saved}).')
+  step = int(text)
+  if step in latest_steps:
+    return latest_dir, step
+  if step in best_steps:
+    return best_dir, step
+  raise ValueError(f'{workdir} has no checkpoint of step {step}; {saved}. Pass one of them, '
+                   'best or latest.')
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run loaded back: its config, model, restored train state and checkpoint step."""
+  workdir: epath.Path
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  state: state_lib.TrainState
+  step: int
+  checkpoint_dir: epath.Path
+
+  def eval_variables(self) -> dict[str, Any]:
+    """The evaluated variables, as in training (the teacher for semi-supervised runs)."""
+    from reco_jax import steps  # The training steps only where they are needed.
+    return steps.eval_variables(self.config, self.state)
+
+
+def restore_state(config: ml_collections.ConfigDict, model: nn.Module,
+                  directory: str | epath.Path, step: int,
+                  mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
+  """The train state of `step` from the orbax checkpoints in `directory`.
+
+  Restores into an abstract target built like the trainer's state (state.create_train_state
+  with the config's model and crop size), so every leaf comes back with the trainer's shape,
+  dtype and (replicated on `mesh`) sharding. config.init_weights is not read: the checkpoint
+  replaces whatever the initialisation would load.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.init_weights = ''
+  like = state_lib.create_train_state(config, model, jax.random.key(0),
+                                      (*tuple(config.crop_size), 3), mesh=mesh)
+  target = abstract(like)
+  del like
+  options = ocp.CheckpointManagerOptions(create=False)
+  with ocp.CheckpointManager(epath.Path(directory), options=options) as manager:
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def load_run(workdir: str | epath.Path, checkpoint: str | int = 'best',
+             mesh: jax.sharding.Mesh | None = None,
+             overrides: dict[str, Any] | None = None) -> Run:
+  """Config, model and the state of `checkpoint` (see find_checkpoint) of a training workdir.
+
+  overrides: config fields to replace before anything is built (e.g. {'data_dir': ...} when
+  the dataset moved); unknown fields are an error.
+  """
+  from reco_jax import train  # The model builder is the trainer's.
+  workdir = epath.Path(workdir)
+  config = read_config(workdir)
+  for key, value in (overrides or {}).items():
+    if key not in config:
+      raise ValueError(f'Cannot override config.{key}: {workdir / CONFIG_FILE} has no such '
+                       f'field (fields: {", ".join(sorted(config))}).')
+    config[key] = value
+  directory, step = find_checkpoint(workdir, checkpoint)
+  model = train.build_model(config)
+  state = restore_state(config, model, directory, step, mesh=mesh)
+  return Run(workdir, config, model, state, step, directory)
+
+
+def dataset_builder(config: ml_collections.ConfigDict):
+  """The prepared TFDS builder of config.dataset (built from config.manual_dir if needed).
+
+  Raises:
+    FileNotFoundError: the dataset is neither prepared in config.data_dir nor buildable,
+      saying which flag points at it.
+  """
+  import tensorflow_datasets as tfds  # Heavy import only where the data is needed.
+  from reco_jax.data import base
+  try:
+    return base.prepare(config.dataset, config.data_dir or None, config.manual_dir or None)
+  except (AssertionError, FileNotFoundError, tfds.core.download.DownloadError,
+          tfds.core.registered.DatasetNotFoundError) as e:
+    raise FileNotFoundError(
+        f'The dataset of this run ({config.dataset!r}) is not prepared in '
+        f'{config.data_dir or "the TFDS default data dir ($TFDS_DATA_DIR)"}: {e}\nPass '
+        '--data_dir=DIR (the TFDS data dir that holds it) or --manual_dir=DIR (its raw '
+        'files, to build it).') from e
+
+
+def eval_split(builder, split: str | None = None) -> str:
+  """`split` if the dataset has it, else (split None) the trainer's evaluation split."""
+  splits = list(builder.info.splits)
+  if split:
+    if split not in splits:
+      raise ValueError(f'Dataset {builder.name!r} has no split {split!r}; its splits are '
+                       f'{splits}.')
+    return split
+  for name in EVAL_SPLITS:
+    if name in splits:
+      return name
+  raise ValueError(f'Dataset {builder.name!r} has none of the evaluation splits '
+                   f'{EVAL_SPLITS}; pass --split, one of {splits}.')
+
+
+def check_batch(batch_size: int, flag: str = '--eval_batch_size') -> int:
+  """`batch_size`, or a clear error when it does not split over this machine's devices."""
+  devices = jax.device_count()
+  if batch_size <= 0 or batch_size % devices:
+    raise ValueError(f'The batch size {batch_size} must be a positive multiple of the '
+                     f'{devices} devices here; pass {flag}=N with N a multiple of {devices}.')
+  return batch_size
+
+
+def expand_paths(patterns: Sequence[str]) -> list[epath.Path]:
+  """Paths matching shell-style globs (a pattern without wildcards is taken as it is)."""
+  out = []
+  for pattern in patterns:
+    if any(c in pattern for c in '*?['):
+      out.extend(sorted(epath.Path(p) for p in _glob(pattern)))
+    else:
+      out.append(epath.Path(pattern))
+  return out
+
+
+def _glob(pattern: str) -> list[str]:
+  import tensorflow as tf  # gfile globs local and gs:// paths alike.
+  return tf.io.gfile.glob(pattern)
+
+
+def user_errors(main_fn):
+  """Wraps a tool's main: the expected errors (bad input) end it with their message only.
+
+  FileNotFoundError and ValueError carry what was expected and how to fix it; a traceback
+  would bury that.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  @functools.wraps(main_fn)
+  def wrapped(argv):
+    try:
+      return main_fn(argv)
+    except (FileNotFoundError, ValueError) as e:
+      print(f'{sys.argv[0].split("/")[-1]}: error: {e}', file=sys.stderr)
+      sys.exit(2)
+  return wrapped
+
+
+def setup_tool(verbosity_flag_given: bool = False) -> None:
+  """Common start of the tools' `main`: library chatter at WARNING, TensorFlow off the GPUs.
+
+  verbosity_flag_given: the user passed --verbosity (or -v); then absl's level is theirs.
+  TensorFlow only reads data here, so it must not take accelerator memory from JAX.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  if not verbosity_flag_given:
+    logging.set_verbosity(logging.WARNING)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel('ERROR')  # Deprecation notices of the TF1 event reader.
+  tf.config.set_visible_devices([], 'GPU')
+  tf.config.set_visible_devices([], 'TPU')
