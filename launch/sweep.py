@@ -9,6 +9,9 @@ Every cell is run for seeds 0, 1, 2 (the paper reports the mean).
   python launch/sweep.py --tables=1 --datasets=voc --workdir_root=gs://bucket/reco \
       --launcher=tpu --tpu_name=my-tpu --zone=us-central2-b   # run them one after another
 Runs resume from their own workdir, so re-running the sweep skips over finished work cheaply.
+Workdirs: WORKDIR_ROOT/table1/DATASET/LABELS/METHOD/seedS (LABELS = 'all' for labels=0) and
+WORKDIR_ROOT/table3/DATASET/PARTIAL/reco_classmix/seedS. Their results tables, in the paper's
+layout: python -m reco_jax.results WORKDIR_ROOT
 """
 import argparse
 from collections.abc import Iterator, Sequence
@@ -127,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(shlex.join(cmd), flush=True)
     if not args.dry_run:
       subprocess.run(cmd, check=True, cwd=_REPO_ROOT)
-  print(f'# {len(grid)} runs', file=sys.stderr)
+  root = args.workdir_root.rstrip('/')
+  print(f'# {len(grid)} runs, workdirs under {root}/ '
+        '(table1/DATASET/LABELS/METHOD/seedS, table3/DATASET/PARTIAL/METHOD/seedS)',
+        file=sys.stderr)
+  print(f'# results tables: python -m reco_jax.results {shlex.quote(root)}', file=sys.stderr)
   return 0
 
 
