@@ -9,12 +9,15 @@ from typing import Any
 
 import ml_collections
 
-METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
-PARTIALS = ('', 'p0', 'p1', 'p5', 'p25')
-BACKBONES = ('deeplabv3p', 'deeplabv2')
+from reco_jax import methods
+from reco_jax import names
+# Every config starts from the package's defaults (re-exported for the config files).
+from reco_jax.defaults import base_config
+
+METHODS = methods.METHODS
 
 # Choices checked by `parse_arg` for the keys that take one of a few strings.
-CHOICES = {'method': METHODS, 'partial': PARTIALS, 'backbone': BACKBONES}
+CHOICES = {'method': METHODS, 'partial': names.PARTIALS, 'backbone': names.MODELS}
 
 _TRUE = ('true', 't', 'yes', 'y', '1')
 _FALSE = ('false', 'f', 'no', 'n', '0')
@@ -89,53 +92,6 @@ def _parse(arg: str | None,
   return args, frozenset(given)
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every field of a training config, with Pascal VOC values of the paper as defaults."""
-  c = ml_collections.ConfigDict()
-  c.dataset = 'reco_voc'
-  c.data_dir = ''
-  c.manual_dir = ''
-  c.num_classes = 21
-  c.labels = 200
-  c.min_classes = 3
-  c.partial = ''
-  c.crop_size = (321, 321)
-  c.scale_range = (0.5, 1.5)
-  c.eval_size = (513, 513)
-  c.batch_size = 10
-  c.eval_batch_size = 4
-  c.method = 'classmix'
-  c.reco = True
-  c.model = ml_collections.ConfigDict(dict(
-      name='deeplabv3p', backbone='resnet101', output_stride=16, rep_dim=256,
-      dtype='float32'))
-  c.init_weights = ''
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
-      min_learning_rate=1e-6))
-  c.ema_decay = 0.99
-  c.strong_threshold = 0.97
-  c.weak_threshold = 0.7
-  c.reco_temperature = 0.5
-  c.num_queries = 256
-  c.num_negatives = 512
-  c.query_mode = 'hard'
-  c.key_mode = 'active'
-  c.average_prototypes = False
-  # Semi-supervised steps: recompute the labelled student pass in the backward pass (one more
-  # forward pass) so that only one pass's activations are held at a time; same gradients, less
-  # memory with ReCo (see benchmarks/README.md).
-  c.recompute_labelled = False
-  c.num_train_steps = 40000
-  c.log_every_steps = 50
-  c.eval_every_steps = 1000
-  c.checkpoint_every_steps = 1000
-  c.keep_checkpoints = 2
-  c.num_image_summaries = 4
-  c.seed = 0
-  return c
-
-
 def paper_config(dataset: Mapping[str, Any], arg: str | None,
                  default_labels: int) -> ml_collections.ConfigDict:
   """The paper's config for one dataset (see `make_config`), locked."""
@@ -151,13 +107,14 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   Args:
     dataset: per-dataset fields (dataset, num_classes, min_classes, crop_size, scale_range,
       eval_size, batch_size, eval_batch_size, ...; dicts update `model` and `optimizer`),
-      set over `base_config()`; batch_size is the semi-supervised per-branch batch.
+      set over `base_config()`; batch_size is the images of each branch per step.
     arg: `labels=N,partial=p1,method=cutmix,reco=False,seed=S,backbone=deeplabv2,runlocal`.
     default_labels: labelled images when `labels` is not given.
 
   Returns:
-    An unlocked ConfigDict. Supervised runs get twice the labelled batch (they have no
-    unlabelled branch); partial labels use every training image (labels=0).
+    An unlocked ConfigDict. Partial labels use every training image (labels=0). (Methods
+    without an unlabelled branch read 2 x batch_size labelled images per step, however the
+    method is set: see `train.branch_batches`.)
   """
   args, given = _parse(arg, dict(labels=default_labels, partial='', method='classmix',
                                  reco=True, seed=0, backbone='deeplabv3p', runlocal=False))
@@ -181,8 +138,6 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   c.reco = args.reco
   c.seed = args.seed
   c.model.name = args.backbone
-  if args.method == 'supervised':
-    c.batch_size *= 2
   if args.runlocal:
     apply_runlocal(c)
   return c
@@ -200,7 +155,7 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.model.rep_dim = 16
   c.crop_size = (65, 65)
   c.eval_size = (97, 97)
-  c.batch_size = 4 if c.method != 'supervised' else 8
+  c.batch_size = 4
   c.eval_batch_size = 4
   c.num_queries = 16
   c.num_negatives = 32

@@ -2,6 +2,7 @@
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -52,6 +53,17 @@ def shard_batch(mesh: Mesh, tree):
   return jax.tree.map(put, tree)
 
 
-def replicate(mesh: Mesh, tree):
-  """Places a pytree (identical on every process) on all devices of `mesh`."""
-  return jax.device_put(tree, replicated(mesh))
+def per_device_concat(arrays: Sequence[jax.Array], num_devices: int) -> jax.Array:
+  """Concatenates batch-sharded arrays so that each device's slice holds its own shards.
+
+  arrays: [B_i, ...] each (equal trailing shapes), sharded over `num_devices` on the leading
+  axis. Returns [sum B_i, ...] whose d-th block of rows is (the first array's d-th shard, the
+  second's, ...), which is what each GPU concatenates in data-parallel PyTorch (labelled
+  first). A plain concatenate would put all of the first array on the first devices.
+  """
+  sizes = [a.shape[0] for a in arrays]
+  if any(n % num_devices for n in sizes):
+    raise ValueError(f'Per-branch batch sizes {sizes} must be multiples of the {num_devices} '
+                     'devices of the mesh; change config.batch_size.')
+  blocks = [a.reshape((num_devices, a.shape[0] // num_devices) + a.shape[1:]) for a in arrays]
+  return jnp.concatenate(blocks, axis=1).reshape((-1,) + arrays[0].shape[1:])

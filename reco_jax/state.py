@@ -1,4 +1,7 @@
-"""Train state (student, Mean Teacher, optimiser) and the reference optimiser schedule."""
+"""Train state (student, Mean Teacher, optimiser) and the reference optimiser and schedule.
+
+How the teacher is updated is the Mean Teacher method's (`reco_jax.methods.mean_teacher`).
+"""
 from collections.abc import Callable, Sequence
 import functools
 from typing import Any
@@ -33,6 +36,8 @@ class TrainState(struct.PyTreeNode):
   ema_batch_stats: Any
   apply_fn: Callable[..., Any] = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  # The schedule inside `tx`, kept to log the rate the update used.
+  learning_rate_fn: optax.Schedule = struct.field(pytree_node=False)
 
   def student_variables(self) -> dict:
     return {'params': self.params, 'batch_stats': self.batch_stats}
@@ -67,33 +72,27 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return schedule
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
   """PyTorch-style SGD: weight decay added to the gradient, then Nesterov momentum, then lr.
 
   Matches torch.optim.SGD(weight_decay=wd, momentum=m, nesterov=True) over all parameters:
   g' = g + wd * p; buf = m * buf + g'; p -= lr * (g' + m * buf).
+  schedule: the learning rate per step (default `learning_rate_schedule(config)`).
   """
   opt = config.optimizer
+  if schedule is None:
+    schedule = learning_rate_schedule(config)
   return optax.chain(
       optax.add_decayed_weights(float(opt.weight_decay)),
-      optax.sgd(learning_rate_schedule(config), momentum=float(opt.momentum),
-                nesterov=bool(opt.nesterov)),
+      optax.sgd(schedule, momentum=float(opt.momentum), nesterov=bool(opt.nesterov)),
   )
 
 
-def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:
-  """Teacher decay min(1 - 1 / (t + 1), max_decay), t = number of earlier EMA updates.
-
-  As the reference's EMA class: the first update (t = 0) copies the student.
-  """
-  t = jnp.asarray(step, jnp.float32)
-  return jnp.minimum(1.0 - 1.0 / (t + 1.0), max_decay)
-
-
-def update_teacher(ema_params, params, step: jax.Array, max_decay: float):
-  """ema <- decay * ema + (1 - decay) * params, with decay = ema_decay(step, max_decay)."""
-  decay = ema_decay(step, max_decay)
-  return optax.incremental_update(params, ema_params, step_size=1.0 - decay)
+def with_optimizer(state: 'TrainState', config: ml_collections.ConfigDict) -> 'TrainState':
+  """`state` with the optimiser (and its schedule) of `config`; the optimiser state is kept."""
+  schedule = learning_rate_schedule(config)
+  return state.replace(tx=make_optimizer(config, schedule), learning_rate_fn=schedule)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array,
@@ -124,7 +123,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   if init_weights:
     from reco_jax.models import convert  # torch/safetensors readers only when needed
     variables = dict(convert.load_initial_weights(init_weights, variables))
-  tx = make_optimizer(config)
+  schedule = learning_rate_schedule(config)
+  tx = make_optimizer(config, schedule)
   params, batch_stats = variables['params'], variables['batch_stats']
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   state = TrainState(
@@ -136,6 +136,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
       ema_batch_stats=copy(batch_stats),
       apply_fn=model.apply,
       tx=tx,
+      learning_rate_fn=schedule,
   )
   if mesh is not None:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -13,7 +13,6 @@ are dropped as encoded examples, before decoding and augmentation.
 from collections.abc import Iterator, Mapping
 import collections
 import functools
-import json
 import math
 import time
 from typing import Any
@@ -29,16 +28,16 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from reco_jax import defaults
 from reco_jax import evaluation
+from reco_jax import methods
+from reco_jax import names
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import steps
 from reco_jax import viz
 from reco_jax.data import base
 
-METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
-PARTIALS = ('', 'p0', 'p1', 'p5', 'p25')
-MODELS = ('deeplabv3p', 'deeplabv2')
 EVAL_SPLITS = ('validation', 'val', 'test')
 _BEST_METRIC = 'eval/miou'
 _DEEPLABV3P_ONLY = ('output_stride', 'aspp_dim', 'low_level_dim', 'head_dim')
@@ -66,29 +65,24 @@ def _pair(config, name):
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError, saying what was expected, for a config that cannot run.
 
-  Checks the fields of the shared schema are present, the choices (method, partial, model),
-  positive sizes and step counts, and that the global batch sizes split evenly over the
-  processes and devices.
+  Checks that every field of `defaults.base_config()` is present (with the optimiser's), the
+  choices (method, partial, model), positive sizes and step counts, and that the global batch
+  sizes split evenly over the processes and devices.
   """
-  required = ('dataset', 'data_dir', 'manual_dir', 'num_classes', 'labels', 'min_classes',
-              'partial', 'crop_size', 'scale_range', 'eval_size', 'batch_size',
-              'eval_batch_size', 'method', 'reco', 'model', 'init_weights', 'optimizer',
-              'ema_decay', 'strong_threshold', 'weak_threshold', 'reco_temperature',
-              'num_queries', 'num_negatives', 'query_mode', 'key_mode', 'average_prototypes',
-              'recompute_labelled', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps', 'keep_checkpoints', 'num_image_summaries', 'seed')
-  missing = [k for k in required if k not in config]
+  schema = defaults.base_config()
+  missing = [k for k in schema if k not in config]
+  missing += [f'optimizer.{k}' for k in schema.optimizer
+              if 'optimizer' in config and k not in config.optimizer]
   if missing:
     raise ValueError(f'The config lacks the fields {missing}; start from a file in configs/ '
-                     '(configs/common.py lists every field with its default).')
-  if config.method not in METHODS:
-    raise ValueError(f'config.method={config.method!r}: expected one of {METHODS}.')
-  if config.partial not in PARTIALS:
+                     '(reco_jax/defaults.py lists every field with its default).')
+  methods.get(config.method)  # Names the valid methods for an unknown one.
+  if config.partial not in names.PARTIALS:
     raise ValueError(f"config.partial={config.partial!r}: expected '' (full labels) or one of "
-                     f'{PARTIALS[1:]}.')
-  if config.model.get('name') not in MODELS:
+                     f'{names.PARTIALS[1:]}.')
+  if config.model.get('name') not in names.MODELS:
     raise ValueError(f'config.model.name={config.model.get("name")!r}: expected one of '
-                     f'{MODELS}.')
+                     f'{names.MODELS}.')
   for name in ('num_classes', 'batch_size', 'eval_batch_size', 'num_train_steps',
                'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints', 'num_queries', 'num_negatives'):
@@ -138,10 +132,10 @@ def _prepare_dataset(config):
         f'built: {e}\nPut the raw files in a folder and pass --config.manual_dir=FOLDER (the '
         f'builder docstring in reco_jax/data describes the layout), or point '
         f'--config.data_dir at a directory holding the prepared dataset.') from e
-  names = base.class_names(builder)
-  if len(names) != config.num_classes:
+  classes = base.class_names(builder)
+  if len(classes) != config.num_classes:
     raise ValueError(f'config.num_classes={config.num_classes} but dataset {config.dataset!r} '
-                     f'has {len(names)} classes; set --config.num_classes={len(names)}.')
+                     f'has {len(classes)} classes; set --config.num_classes={len(classes)}.')
   return builder
 
 
@@ -153,10 +147,21 @@ def _eval_split(builder) -> str:
                    f'{EVAL_SPLITS}, found {list(builder.info.splits)}.')
 
 
+def branch_batches(config) -> tuple[int, int]:
+  """(labelled, unlabelled) global images per step of config.method.
+
+  Every method sees 2 x config.batch_size images per step: a method without an unlabelled
+  branch (supervised) reads them all labelled, as the reference's supervised runs do.
+  """
+  if methods.get(config.method).UNLABELLED_BATCH:
+    return config.batch_size, config.batch_size
+  return 2 * config.batch_size, 0
+
+
 def _train_iterators(config, builder, start_batch: int):
   """(labelled, unlabelled or None, labelled ids) for this process, after `start_batch`."""
   from reco_jax.data import pipeline  # TF pulled in only by the data path.
-  semi = config.method != 'supervised'
+  labelled_batch, unlabelled_batch = branch_batches(config)
   kwargs = dict(
       num_labels=config.labels,
       min_classes=config.min_classes,
@@ -164,8 +169,8 @@ def _train_iterators(config, builder, start_batch: int):
       partial=config.partial,
       crop_size=tuple(config.crop_size),
       scale_range=tuple(config.scale_range),
-      labelled_batch=config.batch_size,
-      unlabelled_batch=config.batch_size if semi else 0,
+      labelled_batch=labelled_batch,
+      unlabelled_batch=unlabelled_batch,
       seed=config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
@@ -387,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write_hparams(_flatten(config.to_dict()))
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            writer=writer)
-  images_per_step = config.batch_size * (2 if unlabelled is not None else 1)
+  images_per_step = sum(branch_batches(config))
   total = config.num_train_steps
   batches = _global_batches(mesh, labelled, unlabelled)
 
@@ -469,8 +474,3 @@ def params_fingerprint(params) -> float:
   """
   leaves = jax.tree.leaves(_to_host(params))
   return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves))
-
-
-def read_config(workdir: str) -> dict:
-  """The resolved config a run wrote to its workdir (as a plain dict)."""
-  return json.loads((epath.Path(workdir) / 'config.json').read_text())

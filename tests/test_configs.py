@@ -6,6 +6,7 @@ from configs import common
 from configs import sun
 from configs import toy
 from configs import voc
+from reco_jax import train
 
 SCHEMA_FIELDS = set(common.base_config().keys())
 
@@ -46,11 +47,15 @@ def test_arguments_are_typed_from_defaults():
   assert voc.get_config('labels=0').labels == 0
 
 
-def test_supervised_doubles_the_labelled_batch():
+def test_supervised_reads_twice_the_labelled_batch_however_the_method_is_set():
   for module, batch in ((voc, 10), (cityscapes, 2), (sun, 5)):
-    assert module.get_config('method=supervised').batch_size == 2 * batch
+    by_argument = module.get_config('method=supervised')
+    by_override = module.get_config()
+    by_override.method = 'supervised'  # what --config.method=supervised does
+    assert by_argument.to_dict() == by_override.to_dict()
+    assert train.branch_batches(by_argument) == (2 * batch, 0)
     for method in ('cutout', 'cutmix', 'classmix'):
-      assert module.get_config(f'method={method}').batch_size == batch
+      assert train.branch_batches(module.get_config(f'method={method}')) == (batch, batch)
 
 
 def test_misspelt_key_lists_valid_keys():

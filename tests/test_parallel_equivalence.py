@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from reco_jax import parallel
-from reco_jax import steps
+from reco_jax.methods import common
 from reco_jax.losses import reco as reco_lib
 from reco_jax.models import resize
 # The fixtures `model` and `initial_state` are shared with the step tests.
@@ -82,7 +82,7 @@ def test_reco_on_four_devices_is_the_per_device_loss_computed_on_one(model, init
     valid = small != 255
     small = jnp.where(valid, small, 0)
     prob = jax.nn.softmax(logits, -1)
-    _, _, k_reco = steps.step_keys(key, jnp.asarray(0))
+    _, _, k_reco = common.step_keys(key, jnp.asarray(0))
     per = BATCH // 4
     losses = [
         reco_lib.reco_loss(jax.random.fold_in(k_reco, i), rep[i * per:(i + 1) * per],
@@ -106,12 +106,12 @@ def test_reco_on_four_devices_is_the_per_device_loss_computed_on_one(model, init
   assert abs(float(whole) - float(want)) > 1e-4
 
 
-def testper_device_concat_keeps_each_devices_rows_together():
+def test_per_device_concat_keeps_each_devices_rows_together():
   a = jnp.arange(8)
   b = jnp.arange(8) + 100
-  out = steps.per_device_concat(a, b, 4)
+  out = parallel.per_device_concat([a, b], 4)
   np.testing.assert_array_equal(out, [0, 1, 100, 101, 2, 3, 102, 103, 4, 5, 104, 105,
                                       6, 7, 106, 107])
-  np.testing.assert_array_equal(steps.per_device_concat(a, b, 1), jnp.concatenate([a, b]))
+  np.testing.assert_array_equal(parallel.per_device_concat([a, b], 1), jnp.concatenate([a, b]))
   with pytest.raises(ValueError, match='multiples'):
-    steps.per_device_concat(a[:6], b[:6], 4)
+    parallel.per_device_concat([a[:6], b[:6]], 4)

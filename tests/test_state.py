@@ -9,6 +9,7 @@ import pytest
 
 from reco_jax import parallel
 from reco_jax import state as state_lib
+from reco_jax.methods import mean_teacher
 
 
 def make_config(**overrides):
@@ -97,20 +98,18 @@ def test_ema_decay_values_follow_reference():
   # EMA.update uses min(1 - 1/(t+1), alpha) with t = number of earlier updates (0 first).
   for t, want in [(0, 0.0), (1, 0.5), (2, 2 / 3), (9, 0.9), (99, 0.99), (100, 0.99),
                   (5000, 0.99)]:
-    assert float(state_lib.ema_decay(jnp.asarray(t), 0.99)) == pytest.approx(want, abs=1e-7)
+    assert float(mean_teacher.ema_decay(jnp.asarray(t), 0.99)) == pytest.approx(want, abs=1e-7)
 
 
 def test_teacher_update_formula():
   ema = {'w': jnp.array([1.0, 2.0])}
   student = {'w': jnp.array([3.0, -2.0])}
   # First update copies the student.
-  np.testing.assert_allclose(state_lib.update_teacher(ema, student, jnp.asarray(0), 0.99)['w'],
-                             [3.0, -2.0])
+  update = lambda t: mean_teacher.update_teacher(ema, student, jnp.asarray(t), 0.99)['w']
+  np.testing.assert_allclose(update(0), [3.0, -2.0])
   # t = 3: decay 0.75 -> 0.75 * ema + 0.25 * student.
-  np.testing.assert_allclose(state_lib.update_teacher(ema, student, jnp.asarray(3), 0.99)['w'],
-                             [1.5, 1.0], rtol=1e-6)
-  np.testing.assert_allclose(state_lib.update_teacher(ema, student, jnp.asarray(500), 0.99)['w'],
-                             [1.02, 1.96], rtol=1e-6)
+  np.testing.assert_allclose(update(3), [1.5, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(update(500), [1.02, 1.96], rtol=1e-6)
 
 
 def test_create_train_state_teacher_is_a_separate_copy_of_student():

@@ -178,6 +178,13 @@ def test_invalid_config_errors_are_clear(toy_data_dir, tmp_path):
     train.train_and_evaluate(tiny_config(toy_data_dir, num_classes=21), str(tmp_path))
   with pytest.raises(ValueError, match='Unknown dataset .reco_vocc.*reco_voc'):
     train.train_and_evaluate(tiny_config(toy_data_dir, dataset='reco_vocc'), str(tmp_path))
+  incomplete = tiny_config(toy_data_dir)
+  incomplete.unlock()
+  del incomplete['weak_threshold']
+  del incomplete.optimizer['momentum']
+  with pytest.raises(ValueError, match=r"lacks the fields \['weak_threshold', "
+                     r"'optimizer.momentum'\]"):
+    train.train_and_evaluate(incomplete, str(tmp_path))
 
 
 def test_missing_dataset_says_what_to_do(tmp_path):

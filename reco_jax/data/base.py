@@ -4,7 +4,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-VOID = 255
+from reco_jax import names
 
 
 def segmentation_features(class_names: Sequence[str]) -> tfds.features.FeaturesDict:
@@ -35,11 +35,11 @@ def make_example(image_id: str, image: np.ndarray, label: np.ndarray,
     raise ValueError(f'{image_id}: image is {image.shape[0]}x{image.shape[1]} but its label is '
                      f'{label.shape[0]}x{label.shape[1]}; they must have the same size.')
   present = np.unique(label)
-  bad = present[(present >= num_classes) & (present != VOID)]
+  bad = present[(present >= num_classes) & (present != names.VOID)]
   if bad.size:
     raise ValueError(f'{image_id}: label values {bad.tolist()} are not class ids 0..'
-                     f'{num_classes - 1} or {VOID} (void); map them before building.')
-  classes = present[present != VOID].astype(np.int32)
+                     f'{num_classes - 1} or {names.VOID} (void); map them before building.')
+  classes = present[present != names.VOID].astype(np.int32)
   return {'image': image, 'label': label[..., None].astype(np.uint8), 'image_id': image_id,
           'classes': classes}
 

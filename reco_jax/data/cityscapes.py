@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from reco_jax import names
 from reco_jax.data import base
 from reco_jax.data import raw_io
 
@@ -31,7 +32,7 @@ LABEL_ID_TO_TRAIN_ID = {
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }
 # 256-entry lookup table; unlisted labelIds (unlabeled, ego vehicle, ..., license plate) are void.
-_LUT = np.full(256, base.VOID, np.uint8)
+_LUT = np.full(256, names.VOID, np.uint8)
 for _label_id, _train_id in LABEL_ID_TO_TRAIN_ID.items():
   _LUT[_label_id] = _train_id
 

@@ -25,6 +25,7 @@ Building and using it:
 from etils import epath
 import tensorflow_datasets as tfds
 
+from reco_jax import names
 from reco_jax.data import base
 from reco_jax.data import raw_io
 
@@ -43,13 +44,13 @@ _FILES = ('classes.txt',) + tuple(_SPLITS.values())
 
 def read_class_names(root: epath.Path) -> tuple[str, ...]:
   """Class names from `root/classes.txt`, index = class id; at most 255 (255 is void)."""
-  names = tuple(line.strip() for line in (root / 'classes.txt').read_text().splitlines()
-                if line.strip())
-  if not names or len(names) > base.VOID:
-    raise ValueError(f'reco_folder: {root / "classes.txt"} names {len(names)} classes; expected '
-                     f'1 to {base.VOID}, one per line (class id {base.VOID} is void).')
-  raw_io.check_unique(names, 'classes.txt', 'reco_folder')
-  return names
+  classes = tuple(line.strip() for line in (root / 'classes.txt').read_text().splitlines()
+                  if line.strip())
+  if not classes or len(classes) > names.VOID:
+    raise ValueError(f'reco_folder: {root / "classes.txt"} names {len(classes)} classes; '
+                     f'expected 1 to {names.VOID}, one per line (class id {names.VOID} is void).')
+  raw_io.check_unique(classes, 'classes.txt', 'reco_folder')
+  return classes
 
 
 class RecoFolder(base.SegmentationBuilder):
@@ -66,8 +67,8 @@ class RecoFolder(base.SegmentationBuilder):
     raw_io.require_dirs(root, ('images', 'labels'), self.name, _INSTRUCTIONS)
     raw_io.raise_if_missing([f for f in _FILES if not (root / f).exists()], len(_FILES),
                             'list files', self.name, _INSTRUCTIONS)
-    names = read_class_names(root)
-    self.info.metadata['class_names'] = list(names)
+    classes = read_class_names(root)
+    self.info.metadata['class_names'] = list(classes)
 
     images = raw_io.list_files(root / 'images', ('.jpg', '.jpeg', '.png'))
     stems = [p.name[:p.name.rfind('.')] for p in (root / 'images').iterdir()
@@ -87,7 +88,7 @@ class RecoFolder(base.SegmentationBuilder):
       raw_io.raise_if_missing(missing, 2 * len(ids), f'files of the {split} split ({filename})',
                               self.name, _INSTRUCTIONS)
       generators[split] = self._generate_examples(
-          [(i, images[i], labels[i]) for i in ids], len(names))
+          [(i, images[i], labels[i]) for i in ids], len(classes))
     return generators
 
   def _generate_examples(self, items: list[tuple[str, epath.Path, epath.Path]],

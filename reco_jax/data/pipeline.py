@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from reco_jax import names
 from reco_jax import normalization
 from reco_jax.data import base
 from reco_jax.data import splits
@@ -68,7 +69,7 @@ def pad_to_size(image: tf.Tensor, label: tf.Tensor | None, height, width):
   image = tf.gather(image, _reflect_indices(w, out_w), axis=1)
   if label is not None:
     label = tf.pad(label, [[0, out_h - h], [0, out_w - w], [0, 0]],
-                   constant_values=base.VOID)
+                   constant_values=names.VOID)
   return image, label
 
 
@@ -303,8 +304,8 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
   """
-  if partial and partial not in splits.PARTIAL_MODES:
-    raise ValueError(f"partial must be '' or one of {sorted(splits.PARTIAL_MODES)}, got "
+  if partial and partial not in names.PARTIAL_FRACTIONS:
+    raise ValueError(f"partial must be '' or one of {sorted(names.PARTIAL_FRACTIONS)}, got "
                      f'{partial!r}.')
   if partial and num_labels:
     raise ValueError(f'partial labels use every train image: set num_labels=0 (got '
@@ -443,7 +444,7 @@ def eval_iterator(builder: tfds.core.DatasetBuilder, *, split: str = 'validation
   ds = _read(builder, split).shard(process_count, process_index)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   filler = {'image': tf.zeros([height, width, 3], tf.float32),
-            'label': tf.fill([height, width], tf.constant(base.VOID, tf.int32)),
+            'label': tf.fill([height, width], tf.constant(names.VOID, tf.int32)),
             'valid': tf.constant(False)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(num_batches * local - mine))
   ds = _options(ds.batch(local, drop_remainder=True).prefetch(2))

@@ -1,6 +1,7 @@
 """Labelled subsets (partial dataset, full labels) and partial labels (full dataset, partial ones).
 
-Both follow the ReCo paper's protocol (DESIGN section 8) and are deterministic by seed, so every
+Both follow the ReCo paper's protocol (section 4.1 and 4.3; the reference's `get_pascal_idx`
+and its partial-label generation) and are deterministic by seed, so every
 process of a multi-host run derives the same subset and the same partial labels on its own.
 """
 from collections.abc import Sequence
@@ -8,10 +9,7 @@ import hashlib
 
 import numpy as np
 
-VOID = 255
-
-# Fraction of each class's pixels that a partial-label mode keeps; 'p0' keeps one pixel.
-PARTIAL_MODES = {'p0': 0.0, 'p1': 0.01, 'p5': 0.05, 'p25': 0.25}
+from reco_jax import names
 
 
 def select_labelled(ids: Sequence[str], classes: Sequence[Sequence[int]], num_labels: int, *,
@@ -62,7 +60,7 @@ def select_labelled(ids: Sequence[str], classes: Sequence[Sequence[int]], num_la
   present = {}
   for image_id, image_classes in zip(ids, classes):
     c = np.unique(np.asarray(image_classes, np.int64))
-    c = c[c != VOID]
+    c = c[c != names.VOID]
     if c.size and (c.min() < 0 or c.max() >= num_classes):
       raise ValueError(f'select_labelled: {image_id} has classes {c.tolist()} outside 0..'
                        f'{num_classes - 1} (and 255 for void); check num_classes.')
@@ -130,18 +128,18 @@ def partial_labels(label: np.ndarray, mode: str, seed: int) -> np.ndarray:
   Returns:
     [H, W] (same shape as `label`) uint8: the kept pixels carry their class, all others 255.
   """
-  if mode not in PARTIAL_MODES:
-    raise ValueError(f'partial_labels: mode must be one of {sorted(PARTIAL_MODES)}, got {mode!r}.')
+  if mode not in names.PARTIAL_FRACTIONS:
+    raise ValueError(f'partial_labels: mode must be one of {sorted(names.PARTIAL_FRACTIONS)}, got {mode!r}.')
   label = np.asarray(label)
   if label.dtype != np.uint8 or not (label.ndim == 2 or (label.ndim == 3 and label.shape[-1] == 1)):
     raise ValueError(f'partial_labels: expected a uint8 label [H, W] or [H, W, 1], got '
                      f'{label.dtype} {label.shape}.')
   dense = label.reshape(label.shape[:2])
-  fraction = PARTIAL_MODES[mode]
+  fraction = names.PARTIAL_FRACTIONS[mode]
   rng = np.random.default_rng(seed)
-  out = np.full_like(dense, VOID)
+  out = np.full_like(dense, names.VOID)
   for c in np.unique(dense):
-    if c == VOID:
+    if c == names.VOID:
       continue
     ys, xs = np.nonzero(dense == c)
     k = rng.integers(ys.size)

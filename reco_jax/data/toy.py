@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from reco_jax import names
 from reco_jax.data import base
 
 CLASS_NAMES = ('background', 'disc', 'ring', 'square', 'diamond', 'triangle', 'cross',
@@ -111,7 +112,7 @@ def _void_border(label: np.ndarray) -> np.ndarray:
   for dy in range(3):
     for dx in range(3):
       edge |= padded[dy:dy + h, dx:dx + w] != label
-  return np.where(edge, base.VOID, label).astype(np.uint8)
+  return np.where(edge, names.VOID, label).astype(np.uint8)
 
 
 def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from reco_jax import names
 from reco_jax.models import resize
 from reco_jax.models import resnet
 
@@ -139,7 +140,8 @@ def _check_images(images: jax.Array) -> None:
     raise ValueError(f'Expected normalised images [B, H, W, 3] (NHWC), got shape {images.shape}.')
 
 
-MODELS = {'deeplabv3p': DeepLabV3Plus, 'deeplabv2': DeepLabV2}
+# Keyed by the model names of `names.MODELS`, in that order.
+MODELS = dict(zip(names.MODELS, (DeepLabV3Plus, DeepLabV2), strict=True))
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

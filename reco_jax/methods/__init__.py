@@ -1,0 +1,29 @@
+"""Training methods: one module each, and the registry `config.method -> module`.
+
+A method module defines
+  train_step(state, batch, key, *, model_fn, mesh, config) -> (state, metrics): one pure step;
+  eval_variables(state) -> {'params', 'batch_stats'}: the model that is evaluated and kept;
+  UNLABELLED_BATCH: whether its batches carry an 'unlabelled' branch.
+`steps.make_train_step` binds the keyword arguments and jits the step. Adding a method is
+adding its module and one entry below. This package imports no module of a method until one
+is asked for, so configs can read the names cheaply.
+"""
+import importlib
+import types
+
+# Method name -> module of reco_jax.methods. The Mean Teacher methods differ only in how they
+# mix the pseudo-labelled images (reco_jax.semi.mixing).
+_REGISTRY = {
+    'supervised': 'supervised',
+    'cutout': 'mean_teacher',
+    'cutmix': 'mean_teacher',
+    'classmix': 'mean_teacher',
+}
+METHODS = tuple(_REGISTRY)
+
+
+def get(name: str) -> types.ModuleType:
+  """The module of method `name`; a ValueError listing the methods for an unknown one."""
+  if name not in _REGISTRY:
+    raise ValueError(f'config.method={name!r}: expected one of {METHODS}.')
+  return importlib.import_module(f'{__name__}.{_REGISTRY[name]}')

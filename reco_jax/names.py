@@ -1,0 +1,16 @@
+"""Names shared by the configs, the data, the steps and the tools, each defined once.
+
+Importing this module imports nothing else, so that configs can read it cheaply. The method
+names are the keys of the registry in `reco_jax.methods`.
+"""
+# The ignore label of every dataset (the reference maps it to -1).
+VOID = 255
+
+# Partial-label modes (ReCo paper section 4.3): the fraction of each class's pixels kept per
+# image; 'p0' keeps a single pixel.
+PARTIAL_FRACTIONS = {'p0': 0.0, 'p1': 0.01, 'p5': 0.05, 'p25': 0.25}
+# config.partial: '' is full labels.
+PARTIALS = ('',) + tuple(PARTIAL_FRACTIONS)
+
+# Segmentation networks (config.model.name).
+MODELS = ('deeplabv3p', 'deeplabv2')
