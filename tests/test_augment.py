@@ -12,7 +12,8 @@ from reco_jax.semi import augment
 
 # ---- torchvision.transforms.functional_tensor, written out in NumPy. ----
 def _np_grey(img):
-  return (0.2989 * img[..., 0] + 0.587 * img[..., 1]
+  # PIL's convert('L') (ITU-R 601-2), which the reference's PIL-image ColorJitter uses.
+  return (0.299 * img[..., 0] + 0.587 * img[..., 1]
           + 0.114 * img[..., 2])[..., None]
 
 
@@ -83,9 +84,9 @@ def test_colour_ops_match_hand_computed_pixel():
   # brightness 1.25: 0.75, 1.125 -> clipped 1.0, 0.25.
   np.testing.assert_allclose(augment.adjust_brightness(px, 1.25),
                              [[[0.75, 1.0, 0.25]]], atol=1e-6)
-  # Grey = 0.2989*0.6 + 0.587*0.9 + 0.114*0.2 = 0.73044; a single pixel is its
+  # Grey = 0.299*0.6 + 0.587*0.9 + 0.114*0.2 = 0.7305; a single pixel is its
   # own mean, so contrast and saturation both blend with it.
-  grey = 0.73044
+  grey = 0.7305
   expected = np.clip(0.8 * np.array([0.6, 0.9, 0.2]) + 0.2 * grey, 0, 1)
   np.testing.assert_allclose(augment.adjust_contrast(px, 0.8), [[expected]],
                              atol=1e-6)
@@ -107,7 +108,7 @@ def test_colour_ops_match_hand_computed_pixel():
     (augment.adjust_hue, _np_hue, 0.23),
     (augment.adjust_hue, _np_hue, -0.25),
 ])
-def test_colour_op_matches_torchvision_formula(op, np_op, factor):
+def test_colour_op_matches_the_pil_image_formula(op, np_op, factor):
   img = _image(0)
   expected = np_op(img.astype(np.float64), factor)
   np.testing.assert_allclose(jax.jit(op)(img, factor), expected, atol=2e-5)

@@ -20,19 +20,12 @@ import tensorflow_datasets as tfds
 
 from reco_jax import names
 from reco_jax import normalization
+from reco_jax import photometric as P
 from reco_jax.data import base
 from reco_jax.data import splits
 
 # Largest shuffle buffer, in encoded examples (memory: ~100 kB each for VOC-size JPEGs).
 SHUFFLE_BUFFER = 2048
-# Colour jitter as torchvision ColorJitter((.75, 1.25), (.75, 1.25), (.75, 1.25), (-.25, .25)).
-JITTER_PROB = 0.8
-JITTER_FACTOR = (0.75, 1.25)
-JITTER_HUE = 0.25
-BLUR_PROB = 0.5
-BLUR_SIGMA = (0.15, 1.15)
-BLUR_RADIUS = 4  # taps on each side: covers 3.5 sigma at the largest sigma
-FLIP_PROB = 0.5
 
 _SKIP = {'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()}
 
@@ -74,20 +67,24 @@ def pad_to_size(image: tf.Tensor, label: tf.Tensor | None, height, width):
 
 
 def _grey(image: tf.Tensor) -> tf.Tensor:
-  """ITU-R 601-2 luma, as PIL's convert('L') and torchvision's rgb_to_grayscale: [h, w, 1]."""
-  return tf.reduce_sum(image * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+  """PIL's convert('L') grey level: [h, w, 1]."""
+  return tf.reduce_sum(image * tf.constant(P.GREY_WEIGHTS), axis=-1, keepdims=True)
 
 
 def colour_jitter(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """torchvision-style ColorJitter on a [h, w, 3] float32 image in [0, 1].
-
-  Brightness multiplies; contrast blends with the mean grey level; saturation blends with the
-  grey image; hue shifts the HSV hue by up to +-0.25 turn; the four run in a random order.
-  """
+  """torchvision-style ColorJitter on a [h, w, 3] float32 image in [0, 1], random draws."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  b, c, s = tf.unstack(tf.random.stateless_uniform([3], seeds[0], *JITTER_FACTOR))
-  hue = tf.random.stateless_uniform([], seeds[1], -JITTER_HUE, JITTER_HUE)
+  b, c, s = tf.unstack(tf.random.stateless_uniform([3], seeds[0], *P.JITTER_FACTOR))
+  hue = tf.random.stateless_uniform([], seeds[1], -P.JITTER_HUE, P.JITTER_HUE)
   order = tf.argsort(tf.random.stateless_uniform([4], seeds[2]))
+  return colour_jitter_with(image, order, b, c, s, hue)
+
+
+def colour_jitter_with(image: tf.Tensor, order: tf.Tensor, b, c, s, hue) -> tf.Tensor:
+  """The four colour ops of ColorJitter in `order` ([4] int: 0 brightness, 1 contrast,
+  2 saturation, 3 hue). Brightness multiplies; contrast blends with the mean grey level;
+  saturation blends with the grey image; hue shifts the HSV hue; each clips to [0, 1].
+  """
   ops = [
       lambda x: x * b,
       lambda x: tf.reduce_mean(_grey(x)) * (1 - c) + x * c,
@@ -100,14 +97,20 @@ def colour_jitter(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return image
 
 
+def _symmetric_indices(size: tf.Tensor) -> tf.Tensor:
+  """Indices of a symmetric extension by BLUR_RADIUS on each side (edge pixel repeated)."""
+  i = tf.range(-P.BLUR_RADIUS, size + P.BLUR_RADIUS)
+  i = tf.where(i < 0, -i - 1, tf.where(i >= size, 2 * size - 1 - i, i))
+  return tf.clip_by_value(i, 0, size - 1)  # images narrower than the radius
+
+
 def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-  """Separable Gaussian blur of a [h, w, 3] float32 image; edges replicated."""
-  x = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=tf.float32)
+  """Separable Gaussian blur of a [h, w, 3] float32 image; border extended symmetrically."""
+  x = tf.range(-P.BLUR_RADIUS, P.BLUR_RADIUS + 1, dtype=tf.float32)
   k = tf.exp(-0.5 * tf.square(x / sigma))
   k /= tf.reduce_sum(k)
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  rows = tf.clip_by_value(tf.range(-BLUR_RADIUS, h + BLUR_RADIUS), 0, h - 1)
-  cols = tf.clip_by_value(tf.range(-BLUR_RADIUS, w + BLUR_RADIUS), 0, w - 1)
+  rows = _symmetric_indices(tf.shape(image)[0])
+  cols = _symmetric_indices(tf.shape(image)[1])
   padded = tf.gather(tf.gather(image, rows, axis=0), cols, axis=1)[None]
   kernel_y = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, 3, 1])
   kernel_x = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, 3, 1])
@@ -141,12 +144,12 @@ def augment_labelled(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *,
     label = tf.image.resize(label, size, 'nearest')
   image, label = random_crop(image, label, seeds[1], crop_size)
   if photometric:
-    jitter = tf.random.stateless_uniform([], seeds[2]) < JITTER_PROB
+    jitter = tf.random.stateless_uniform([], seeds[2]) < P.JITTER_PROB
     image = tf.cond(jitter, lambda: colour_jitter(image, seeds[3]), lambda: image)
-    blur = tf.random.stateless_uniform([], seeds[4]) < BLUR_PROB
-    sigma = tf.random.stateless_uniform([], seeds[5], *BLUR_SIGMA)
+    blur = tf.random.stateless_uniform([], seeds[4]) < P.BLUR_PROB
+    sigma = tf.random.stateless_uniform([], seeds[5], *P.BLUR_SIGMA)
     image = tf.cond(blur, lambda: gaussian_blur(image, sigma), lambda: image)
-  flip = tf.random.stateless_uniform([], seeds[6]) < FLIP_PROB
+  flip = tf.random.stateless_uniform([], seeds[6]) < P.FLIP_PROB
   image, label = tf.cond(flip, lambda: (image[:, ::-1], label[:, ::-1]), lambda: (image, label))
   image.set_shape(list(crop_size) + [3])
   return image, tf.cast(tf.reshape(label, crop_size), tf.int32)

@@ -1,19 +1,16 @@
 """On-device strong augmentation of the mixed unlabelled batch.
 
 Mirrors what the reference ReCo applies after mixing (`batch_transform` with
-scale 1.0: the resize and crop are identities), per sample and in this order:
+scale 1.0: the resize and crop are identities), per sample and in this order,
+with the parameters of `reco_jax.photometric`:
 
-1. colour jitter with probability 0.8: brightness, contrast and saturation
-   factors uniform in [0.75, 1.25], hue shift uniform in [-0.25, 0.25], the
-   four applied in a random order (torchvision `ColorJitter`), each with
-   torchvision's float-tensor formula and clipping to [0, 1];
-2. Gaussian blur with probability 0.5, sigma uniform in [0.15, 1.15]: a
-   separable Gaussian kernel of size 9 (radius 4 >= 3 sigma for every sigma
-   drawn). The border is extended symmetrically (edge pixel repeated), which
-   matches PIL's `GaussianBlur` (used by the reference) at the border best;
-   PIL itself approximates the Gaussian with three box blurs, this one is
-   exact;
-3. horizontal flip with probability 0.5 of image, label and confidence.
+1. colour jitter: brightness, contrast and saturation factors, a hue shift,
+   the four applied in a random order (torchvision `ColorJitter` on PIL
+   images), each clipping to [0, 1];
+2. Gaussian blur: a separable Gaussian kernel of 2 * BLUR_RADIUS + 1 taps,
+   the border extended symmetrically (edge pixel repeated). PIL itself
+   approximates the Gaussian with three box blurs, this one is exact;
+3. horizontal flip of image, label and confidence.
 
 Images arrive ImageNet-normalised; they are denormalised and clipped to [0, 1]
 (the reference goes through 8-bit PIL images, which clips), augmented, and
@@ -24,14 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from reco_jax import normalization
+from reco_jax import photometric as P
 
-# torchvision's rgb_to_grayscale weights.
-_GREY = (0.2989, 0.587, 0.114)
+_KERNEL_SIZE = 2 * P.BLUR_RADIUS + 1
 
 
 def _grey(image):
-  return (_GREY[0] * image[..., 0] + _GREY[1] * image[..., 1]
-          + _GREY[2] * image[..., 2])[..., None]
+  r, g, b = P.GREY_WEIGHTS
+  return (r * image[..., 0] + g * image[..., 1] + b * image[..., 2])[..., None]
 
 
 def _blend(image, other, factor):
@@ -44,7 +41,7 @@ def adjust_brightness(image, factor):
 
 
 def adjust_contrast(image, factor):
-  """torchvision contrast: blend with the mean grey level of the whole image.
+  """torchvision (PIL) contrast: blend with the mean grey level of the whole image.
 
   (dm-pix and TF use per-channel means instead.) image [H, W, 3] in [0, 1].
   """
@@ -53,7 +50,7 @@ def adjust_contrast(image, factor):
 
 
 def adjust_saturation(image, factor):
-  """torchvision saturation: blend with the per-pixel grey image.
+  """torchvision (PIL) saturation: blend with the per-pixel grey image.
 
   (dm-pix and TF scale the HSV saturation instead.) image [H, W, 3] in [0, 1].
   """
@@ -69,7 +66,7 @@ def adjust_hue(image, hue_shift):
   return dm_pix.adjust_hue(image, hue_shift)
 
 
-def gaussian_blur(image, sigma, kernel_size=9):
+def gaussian_blur(image, sigma, kernel_size=_KERNEL_SIZE):
   """Separable Gaussian blur with a symmetric border.
 
   Written as a sum of shifted copies rather than with dm-pix's convolution:
@@ -128,10 +125,11 @@ def color_jitter(image, order, brightness, contrast, saturation, hue):
   return image
 
 
-def strong_augment(key, images, labels, confidence, *, jitter_prob=0.8,
-                   blur_prob=0.5, flip_prob=0.5, brightness=(0.75, 1.25),
-                   contrast=(0.75, 1.25), saturation=(0.75, 1.25),
-                   hue=(-0.25, 0.25), sigma=(0.15, 1.15), blur_kernel_size=9):
+def strong_augment(key, images, labels, confidence, *, jitter_prob=P.JITTER_PROB,
+                   blur_prob=P.BLUR_PROB, flip_prob=P.FLIP_PROB,
+                   brightness=P.JITTER_FACTOR, contrast=P.JITTER_FACTOR,
+                   saturation=P.JITTER_FACTOR, hue=(-P.JITTER_HUE, P.JITTER_HUE),
+                   sigma=P.BLUR_SIGMA, blur_kernel_size=_KERNEL_SIZE):
   """Per-sample colour jitter, Gaussian blur and horizontal flip.
 
   Args:
