@@ -298,20 +298,14 @@ def write_figures(out_dir: str | epath.Path, name: str, space: ClassMeans,
   return written
 
 
-def relations_of_workdir(workdir: str, embeddings: Sequence[str] = EMBEDDINGS,
-                         checkpoint: str | int = 'best', split: str | None = None,
-                         data_dir: str | None = None, batch_size: int | None = None
-                         ) -> tuple[dict[str, ClassMeans], tuple[str, ...], workdir_lib.Run]:
-  """Class means of each embedding space over the valid pixels of `split` (default: the
-  trainer's evaluation split), with the variables the trainer evaluates."""
-  from reco_jax.data import base  # pylint: disable=g-import-not-at-top
+def relations_of_run(run: workdir_lib.Run, builder, split: str,
+                     embeddings: Sequence[str] = EMBEDDINGS, batch_size: int | None = None,
+                     mesh: jax.sharding.Mesh | None = None) -> dict[str, ClassMeans]:
+  """Class means of each embedding space over the valid pixels of `split`, with the variables
+  the trainer evaluates (the teacher of semi-supervised runs) and its evaluation batches."""
   from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   embeddings = _check_embeddings(embeddings)
-  mesh = parallel.make_mesh()
-  run = workdir_lib.load_run(workdir, checkpoint, mesh=mesh,
-                             overrides={'data_dir': data_dir} if data_dir else None)
-  builder = workdir_lib.dataset_builder(run.config)
-  split = workdir_lib.eval_split(builder, split)
+  mesh = mesh or parallel.make_mesh()
   config = run.config
   batch_size = workdir_lib.check_batch(batch_size or config.eval_batch_size)
   batches = pipeline.eval_iterator(
@@ -321,7 +315,26 @@ def relations_of_workdir(workdir: str, embeddings: Sequence[str] = EMBEDDINGS,
   step = make_class_stats_step(config, run.model, mesh, embeddings)
   totals = init_totals(config, run.model, variables,
                        (batch_size, *tuple(config.eval_size), 3), embeddings, mesh)
-  return class_means(step, totals, variables, batches, mesh), base.class_names(builder), run
+  return class_means(step, totals, variables, batches, mesh)
+
+
+def relations_of_workdir(workdir: str, embeddings: Sequence[str] = EMBEDDINGS,
+                         checkpoint: str | int = 'best', split: str | None = None,
+                         data_dir: str | None = None, batch_size: int | None = None
+                         ) -> tuple[dict[str, ClassMeans], tuple[str, ...], workdir_lib.Run]:
+  """Loads `checkpoint` of a workdir: (relations_of_run on `split`, class names, the run).
+
+  split: default the trainer's evaluation split; data_dir replaces the config's.
+  """
+  from reco_jax.data import base  # pylint: disable=g-import-not-at-top
+  embeddings = _check_embeddings(embeddings)
+  mesh = parallel.make_mesh()
+  run = workdir_lib.load_run(workdir, checkpoint, mesh=mesh,
+                             overrides={'data_dir': data_dir} if data_dir else None)
+  builder = workdir_lib.dataset_builder(run.config)
+  split = workdir_lib.eval_split(builder, split)
+  spaces = relations_of_run(run, builder, split, embeddings, batch_size, mesh)
+  return spaces, base.class_names(builder), run
 
 
 def define_flags() -> None:

@@ -303,5 +303,8 @@ def setup_tool(verbosity_flag_given: bool = False) -> None:
     logging.set_verbosity(logging.WARNING)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel('ERROR')  # Deprecation notices of the TF1 event reader.
-  tf.config.set_visible_devices([], 'GPU')
-  tf.config.set_visible_devices([], 'TPU')
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], 'TPU')
+  except RuntimeError:  # TensorFlow already initialised its devices (a tool called in-process).
+    pass

@@ -3,6 +3,7 @@
 One 10-step semi-supervised run of configs/toy.py:runlocal (48-image reco_toy/tiny) is
 trained once for the module; every tool then reads that workdir as a user would.
 """
+import contextlib
 import functools
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,7 @@ def compilation_cache(tmp_path_factory):
            'jax_persistent_cache_min_entry_size_bytes')
   saved = {name: getattr(jax.config, name) for name in names}
   jax.config.update(names[0], str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update(names[1], 0.0)
+  jax.config.update(names[1], 0.5)  # the compilations worth a file
   jax.config.update(names[2], 0)
   reset()
   yield
@@ -68,6 +70,7 @@ def toy_run(tmp_path_factory):
   base.prepare('reco_toy/tiny', str(data_dir))
   config = toy.get_config('runlocal,method=cutout,reco=False')
   config.data_dir = str(data_dir)
+  config.num_image_summaries = 0  # The trainer's image summaries are not the tools' concern.
   workdir = tmp_path_factory.mktemp('toy_run')
   train.train_and_evaluate(config, str(workdir))
   return config, workdir
@@ -220,9 +223,10 @@ def test_predict_writes_the_masks_steps_predict_gives(loaded, tmp_path):
 # --------------------------------------------------------------------------- relations
 
 
-def test_relations_of_the_toy_run(toy_run, tmp_path):
-  _, workdir = toy_run
-  spaces, names, run = relations.relations_of_workdir(str(workdir), ('R', 'Z'), 'latest')
+def test_relations_of_the_toy_run(loaded, tmp_path):
+  run, builder, mesh = loaded
+  spaces = relations.relations_of_run(run, builder, 'validation', ('R', 'Z'), mesh=mesh)
+  names = base.class_names(builder)
   cfg = run.config.model
   assert spaces['R'].means.shape == (9, cfg.rep_dim)
   assert spaces['Z'].means.shape == (9, cfg.low_level_dim + cfg.aspp_dim)
@@ -420,16 +424,45 @@ def test_bad_input_errors_name_what_was_expected(toy_run, tmp_path):
     relations.parse_embedding('W')
   with pytest.raises(ValueError, match='Cannot override config.data_dirr'):
     workdir_lib.load_run(workdir, 'latest', overrides={'data_dirr': 'x'})
-  # The command line reports the message alone, without a traceback.
-  out = subprocess.run([sys.executable, '-m', 'reco_jax.evaluate', f'--workdir={tmp_path}'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
-  assert out.returncode == 2 and 'Traceback' not in out.stderr
-  assert 'has no config.json' in out.stderr
+
+
+@contextlib.contextmanager
+def tool_flags(module, *args):
+  """The tool's flags defined and parsed from `args` for one in-process call of its main."""
+  before = set(flags.FLAGS)
+  module.define_flags()
+  added = set(flags.FLAGS) - before
+  try:
+    yield flags.FLAGS([module.__name__, *args])
+  finally:
+    for name in added:
+      delattr(flags.FLAGS, name)
+
+
+def test_main_functions(toy_run, tmp_path, capsys):
+  _, workdir = toy_run
+  events = logged(workdir)
+  with tool_flags(evaluate, f'--workdir={workdir}', '--checkpoint=latest',
+                  f'--output={tmp_path / "latest.md"}') as argv:
+    evaluate.main(argv)
+  printed = capsys.readouterr().out
+  assert 'checkpoint: step 10' in printed
+  assert f'mIoU: {100 * events["eval/miou"][10]:.2f} %' in printed
+  assert (tmp_path / 'latest.md').exists() and (tmp_path / 'latest_confusion.png').exists()
+  # Bad input ends a tool with its message alone (exit status 2), not a traceback.
+  for module, args, message in (
+      (predict, [f'--images={tmp_path / "none" / "*.png"}', f'--out={tmp_path}'],
+       'matches no image files'),
+      (relations, ['--embedding=W', f'--out={tmp_path}'], 'expected R')):
+    with tool_flags(module, f'--workdir={workdir}', *args) as argv:
+      with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_tools_define_no_flags_on_import():
   # The trainer may import relations and viz: the tools' flags must not clash with its own.
-  from absl import flags
   for module in (evaluate, predict, relations, results):
     assert not flags.FLAGS.get_flags_for_module(module.__name__)
 
