@@ -219,23 +219,32 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: s
 def relation_figure(relation: np.ndarray, class_names: Sequence[str], title: str = ''):
   """Heatmap of a class relation graph (cosine similarities in [-1, 1], NaN = absent class).
 
-  relation: float [C, C], e.g. relations.relation_graph of the class mean embeddings.
+  relation: float [C, C], e.g. relations.relation_graph of the class mean embeddings. The
+  colours span [-1, 1], or [lowest off-diagonal value, 1] when no value is negative.
   """
   relation = np.asarray(relation, np.float64)
   num_classes = len(class_names)
   if relation.shape != (num_classes, num_classes):
     raise ValueError(f'relation_figure: relation {relation.shape} does not match the '
                      f'{num_classes} class names.')
+  off = relation[~np.eye(num_classes, dtype=bool) & np.isfinite(relation)]
+  if off.size and off.min() >= 0:
+    # Non-negative features (e.g. after a ReLU) have only positive cosines: a colour scale
+    # from the lowest one up shows their differences, which [-1, 1] would flatten.
+    vmin, cmap = np.floor(10 * off.min()) / 10, 'Reds'
+  else:
+    vmin, cmap = -1.0, 'RdBu_r'
   side = _side(num_classes)
   fig = _figure(side + 1.2, side)
   ax = fig.add_subplot()
-  image = ax.imshow(relation, cmap='RdBu_r', vmin=-1, vmax=1)
+  image = ax.imshow(relation, cmap=cmap, vmin=vmin, vmax=1)
   fig.colorbar(image, ax=ax, shrink=0.8, label='cosine similarity of the class means')
   ticks = np.arange(num_classes)
   ax.set_xticks(ticks, class_names, rotation=60, ha='right', rotation_mode='anchor')
   ax.set_yticks(ticks, class_names)
   if num_classes <= 30:
-    _annotate(ax, relation, '.2f', dark_above=0.6, dark_below=-0.6)
+    _annotate(ax, relation, '.2f', dark_above=vmin + 0.8 * (1 - vmin),
+              dark_below=-0.6 if vmin < 0 else -np.inf)
   if title:
     ax.set_title(title)
   return fig
