@@ -25,7 +25,10 @@ import numpy as np
 
 from reco_jax import evaluation
 from reco_jax import inference
+from reco_jax import parallel
+from reco_jax import steps
 from reco_jax import workdir as workdir_lib
+
 
 @dataclasses.dataclass
 class EvalResult:
@@ -68,8 +71,7 @@ def evaluate_run(run: workdir_lib.Run, builder, split: str, *, sliding_window: b
   window: the sliding-window size (default config.crop_size); batch_size: the global eval
   batch (default config.eval_batch_size).
   """
-  from reco_jax import parallel
-  from reco_jax import steps
+  # The trainer and the input pipeline (they import TensorFlow) only when evaluating.
   from reco_jax import train
   from reco_jax.data import base
   from reco_jax.data import pipeline
@@ -104,7 +106,6 @@ def evaluate_workdir(workdir: str, checkpoint: str | int = 'best', split: str | 
 
   data_dir / manual_dir replace the config's when the dataset lives elsewhere now.
   """
-  from reco_jax import parallel
   overrides = {k: v for k, v in (('data_dir', data_dir), ('manual_dir', manual_dir)) if v}
   mesh = parallel.make_mesh()
   run = workdir_lib.load_run(workdir, checkpoint, mesh=mesh, overrides=overrides)

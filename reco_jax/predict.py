@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from reco_jax import inference
+from reco_jax import parallel
 from reco_jax import viz
 from reco_jax import workdir as workdir_lib
 
@@ -76,7 +77,6 @@ def predict_images(run: workdir_lib.Run, images: Sequence[np.ndarray], *,
   in fixed-size batches (the last one padded with zeros) through one jitted steps.predict per
   bucket.
   """
-  from reco_jax import parallel
   mesh = mesh or parallel.make_mesh()
   batch_size = workdir_lib.check_batch(batch_size or run.config.eval_batch_size,
                                        '--batch_size')
@@ -124,7 +124,6 @@ def predict_files(workdir: str, patterns: Sequence[str], out: str,
                   checkpoint: str | int = 'best', batch_size: int | None = None,
                   alpha: float = 0.7) -> list[dict[str, epath.Path]]:
   """Predicts every image `patterns` name and writes its three PNGs to `out`."""
-  from reco_jax import parallel
   files = find_images(patterns)
   mesh = parallel.make_mesh()
   run = workdir_lib.load_run(workdir, checkpoint, mesh=mesh)
