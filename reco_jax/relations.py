@@ -43,7 +43,6 @@ from reco_jax.models import resize
 
 EMBEDDINGS = ('R', 'Z')
 EMBEDDING_NAMES = {'R': 'representation R', 'Z': 'decoder feature Z'}
-VOID = 255
 # The submodule whose input is the decoder feature Z, per model class: the first layer of the
 # classifier head (DeepLabV3+) or the first of the four dilated classifier convs (DeepLabV2).
 _CLASSIFIER_INPUT = {'DeepLabV3Plus': 'classifier_conv', 'DeepLabV2': 'classifier_0'}

@@ -29,13 +29,14 @@ from absl import flags
 from absl import logging
 from etils import epath
 
+from reco_jax import names
 from reco_jax import workdir as workdir_lib
 
 MIOU_TAG = 'eval/miou'
 METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
 METHOD_NAMES = {'supervised': 'Supervised', 'cutout': 'CutOut', 'cutmix': 'CutMix',
                 'classmix': 'ClassMix'}
-PARTIALS = ('p0', 'p1', 'p5', 'p25')
+PARTIALS = names.PARTIALS[1:]  # Table 3's columns, in order
 # Table 3's column heads: labelled pixels per class and image.
 PARTIAL_NAMES = {'p0': '1 pixel', 'p1': '1%', 'p5': '5%', 'p25': '25%'}
 DATASET_NAMES = {'reco_voc': 'Pascal VOC', 'reco_cityscapes': 'CityScapes',
