@@ -3,15 +3,7 @@
 `python -m reco_jax.main --config=configs/toy.py --workdir=/tmp/reco_toy` trains a tiny
 DeepLabV3+ (ResNet 'resnet_tiny' with heads of 64 channels) with ClassMix + ReCo from 50
 labelled images of `reco_toy` (generated on first use) for 1500 steps, and evaluates it on the
-200 validation images every 500 steps. On a busy 2-core CPU this takes about 4-5 minutes and
-reaches an eval mIoU of about 0.21 (background about 0.9; the shape classes stay hard for so
-small a backbone). Widening the heads to 128 gives no better mIoU and runs about 1.6x slower;
-output stride 8 runs about 4x slower. The toy exercises the system rather than the paper's
-gains: in the same budget ReCo lifts ClassMix (about 0.20 without it), but a supervised run on
-the same 50 labels (method=supervised,reco=False) reaches about 0.22, and one on all 2,000
-labels (labels=0,method=supervised,reco=False) only about 0.245: in this budget the tiny model
-and the step count bound the toy, not the labels, so there is little for label efficiency to
-recover.
+200 validation images every 500 steps. What it takes and reaches: benchmarks/README.md.
 
 Arguments as the paper configs: labels=N (0 = all, default 50), partial=p0|p1|p5|p25,
 method=supervised|cutout|cutmix|classmix, reco=True|False, seed=S,

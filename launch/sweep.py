@@ -21,8 +21,10 @@ import shlex
 import subprocess
 import sys
 
+from reco_jax import names
+
 LABELS = {'voc': (60, 200, 600, 0), 'cityscapes': (20, 50, 150, 0), 'sun': (50, 150, 500, 0)}
-PARTIALS = ('p0', 'p1', 'p5', 'p25')
+PARTIALS = names.PARTIALS[1:]  # every partial-label mode
 PARTIAL_DATASETS = ('voc', 'cityscapes')
 SEEDS = (0, 1, 2)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -4,7 +4,12 @@ Config values can be overridden with `--config.name=value` (e.g. `--config.num_t
 Multi-host runs call `jax.distributed.initialize` first: with `--distributed` (Cloud TPU pods,
 SLURM and other clusters JAX detects itself) or with an explicit `--coordinator_address`,
 `--num_processes` and `--process_id`.
+
+The console shows one line per log interval and per evaluation; library logs are kept at
+WARNING unless `--verbosity` is given (`--verbosity=0` for INFO, 1 for debug).
 """
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -26,11 +31,34 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _import_tensorflow(quiet: bool):
+  """TensorFlow (it only feeds data); with `quiet`, its C++ start-up lines are not printed.
+
+  They are written to the process's stderr before TF reads any log setting, so the file
+  descriptor itself is pointed at /dev/null for the import; Python errors still show.
+  """
+  if not quiet:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+  return tf
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  quiet = not flags.FLAGS['verbosity'].present
+  if quiet:
+    logging.set_verbosity(logging.WARNING)
   # TensorFlow only feeds data: it must not take accelerator memory from JAX.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = _import_tensorflow(quiet)
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from reco_jax import console as console_lib
 from reco_jax import defaults
 from reco_jax import evaluation
 from reco_jax import methods
@@ -365,18 +366,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           max_to_keep=1, best_fn=lambda m: m[_BEST_METRIC], best_mode='max', create=True,
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               barrier_sync_key_prefix='best')))
+  total = config.num_train_steps
+  parts = ('sup_loss', 'unsup_loss', 'reco_loss')
+  has = (True, bool(branch_batches(config)[1]), bool(config.reco))
+  console = console_lib.Console(total, [p for p, h in zip(parts, has) if h],
+                                enabled=jax.process_index() == 0)
   start = manager.latest_step() or 0
   if start:
-    logging.info('Resuming from the checkpoint of step %d in %s.', start, checkpoint_dir)
     state = manager.restore(start, args=ocp.args.StandardRestore(_abstract(state)))
     if int(_to_host(state.step)) != start:
       raise ValueError(f'Checkpoint {start} in {checkpoint_dir} holds step '
                        f'{int(_to_host(state.step))}; the directory is inconsistent.')
-    if start >= config.num_train_steps:
-      logging.info('The run in %s is complete (step %d); nothing to do.', workdir, start)
+    best_step = best_manager.best_step()
+    if best_step is not None:
+      console.best = (float(best_manager.metrics(best_step)[_BEST_METRIC]), best_step)
+    if start >= total:
+      console.say(f'The run in {workdir} is complete (step {start}); nothing to do.')
       manager.close()
       best_manager.close()
       return state
+    console.say(f'Resuming from the checkpoint of step {start} in {checkpoint_dir}.')
 
   labelled, unlabelled, labelled_ids = _train_iterators(config, builder, start)
   _write_run_files(config, workdir, labelled_ids)
@@ -393,7 +402,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            writer=writer)
   images_per_step = sum(branch_batches(config))
-  total = config.num_train_steps
   batches = _global_batches(mesh, labelled, unlabelled)
 
   last_saved = start
@@ -430,6 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                    for k in window[-1][1]}
         scalars['train/images_per_second'] = images_per_step * len(window) / elapsed
         writer.write_scalars(done, scalars)
+        console.train(done, {k[len('train/'):]: v for k, v in scalars.items()},
+                      len(window) / elapsed)
         window, window_start = [], time.time()
       if evaluate_now:
         with report.timed('eval'):
@@ -450,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           if done not in best_manager.all_steps():
             best_manager.save(done, args=ocp.args.StandardSave(state),
                               metrics={_BEST_METRIC: miou if math.isfinite(miou) else -1.0})
-          logging.info('Step %d: eval mIoU %.4f', done, miou)
+          console.evaluation(done, miou)
       if save:
         manager.save(done, args=ocp.args.StandardSave(state))
         last_saved = done
@@ -461,6 +471,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     best_manager.wait_until_finished()
     writer.flush()
     writer.close()
+  if console.best is not None:
+    console.say(f'Finished at step {total}: best eval mIoU {console.best[0]:.4f} at step '
+                f'{console.best[1]}; checkpoints in {workdir}.')
   logging.info('Finished at step %d; parameter fingerprint of this process: %r', total,
                params_fingerprint(state.params))
   return state

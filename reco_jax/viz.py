@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from reco_jax import names
 from reco_jax import normalization
 
-VOID = 255
+VOID = names.VOID
 # The Cityscapes trainId colours (the 19 evaluated classes), as in the reference's
 # build_data.py create_cityscapes_label_colormap.
 CITYSCAPES_COLORS = np.array([

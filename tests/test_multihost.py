@@ -46,7 +46,8 @@ def test_two_process_run_completes_and_processes_agree(data_dir, tmp_path):
              f'--config.data_dir={data_dir}', '--config.num_train_steps=2',
              '--config.log_every_steps=1', '--config.eval_every_steps=2',
              '--config.checkpoint_every_steps=2', f'--workdir={workdir}',
-             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--alsologtostderr']
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--alsologtostderr',
+             '--verbosity=0']
   # Logs go to files: a full pipe would block one process while the other waits for it.
   logs = [tmp_path / f'process{i}.log' for i in range(2)]
   procs = []

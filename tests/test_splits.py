@@ -1,4 +1,4 @@
-"""Labelled-subset selection and partial labels (DESIGN section 8)."""
+"""Labelled-subset selection and partial labels (ReCo paper section 4; the reference's sampler)."""
 import time
 
 import numpy as np

@@ -189,7 +189,7 @@ def class_statistics(rep, labels, valid, num_classes):
 def reco_loss(key, rep, labels, valid, prob, *, strong_threshold=0.97, temperature=0.5,
               num_queries=256, num_negatives=512, query_mode='hard', key_mode='active',
               shared_negatives=False, prototype_stats=None, block_rows=8):
-  """ReCo loss on one batch (DESIGN §6; reference `compute_reco_loss`, lorenmt/reco).
+  """ReCo loss on one batch (ReCo paper Eq. 1-4; reference `compute_reco_loss`, lorenmt/reco).
 
   Args:
     key: PRNG key (typed or raw).
