@@ -2,6 +2,7 @@
 
 Library logs stay at WARNING (see main.py); these lines are printed by process 0 only.
 """
+import os
 import sys
 from typing import TextIO
 
@@ -55,3 +56,23 @@ class Console:
       self.best = (miou, step)
     self.say(f'{self._step(step)}  eval mIoU {miou:.4f}  '
              f'(best {self.best[0]:.4f} at step {self.best[1]})')
+
+
+def import_tensorflow(quiet: bool):
+  """TensorFlow (it only feeds data); with `quiet`, its C++ start-up lines are not printed.
+
+  They are written to the process's stderr before TF reads any log setting, so the file
+  descriptor itself is pointed at /dev/null for the import; Python errors still show.
+  """
+  if not quiet:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return tf
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+  return tf

@@ -8,13 +8,13 @@ SLURM and other clusters JAX detects itself) or with an explicit `--coordinator_
 The console shows one line per log interval and per evaluation; library logs are kept at
 WARNING unless `--verbosity` is given (`--verbosity=0` for INFO, 1 for debug).
 """
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from reco_jax import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/voc.py:labels=200.', lock_config=True)
@@ -31,26 +31,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _import_tensorflow(quiet: bool):
-  """TensorFlow (it only feeds data); with `quiet`, its C++ start-up lines are not printed.
-
-  They are written to the process's stderr before TF reads any log setting, so the file
-  descriptor itself is pointed at /dev/null for the import; Python errors still show.
-  """
-  if not quiet:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
-  return tf
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
@@ -58,7 +38,7 @@ def main(argv):
   if quiet:
     logging.set_verbosity(logging.WARNING)
   # TensorFlow only feeds data: it must not take accelerator memory from JAX.
-  tf = _import_tensorflow(quiet)
+  tf = console.import_tensorflow(quiet)
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
 

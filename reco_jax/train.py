@@ -12,7 +12,6 @@ are dropped as encoded examples, before decoding and augmentation.
 """
 from collections.abc import Iterator, Mapping
 import collections
-import functools
 import math
 import time
 from typing import Any
@@ -23,7 +22,6 @@ from clu import periodic_actions
 from etils import epath
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -34,13 +32,12 @@ from reco_jax import evaluation
 from reco_jax import methods
 from reco_jax import names
 from reco_jax import parallel
+from reco_jax import relations
 from reco_jax import state as state_lib
 from reco_jax import steps
-from reco_jax import viz
+from reco_jax import workdir as workdir_lib
 from reco_jax.data import base
 
-EVAL_SPLITS = ('validation', 'val', 'test')
-_BEST_METRIC = 'eval/miou'
 _DEEPLABV3P_ONLY = ('output_stride', 'aspp_dim', 'low_level_dim', 'head_dim')
 
 
@@ -141,11 +138,11 @@ def _prepare_dataset(config):
 
 
 def _eval_split(builder) -> str:
-  for split in EVAL_SPLITS:
+  for split in workdir_lib.EVAL_SPLITS:
     if split in builder.info.splits:
       return split
   raise ValueError(f'Dataset {builder.name!r} has no evaluation split: expected one of '
-                   f'{EVAL_SPLITS}, found {list(builder.info.splits)}.')
+                   f'{workdir_lib.EVAL_SPLITS}, found {list(builder.info.splits)}.')
 
 
 def branch_batches(config) -> tuple[int, int]:
@@ -265,11 +262,6 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _abstract(tree):
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -291,17 +283,16 @@ def evaluate(eval_step, variables, eval_batches, mesh, num_classes: int):
   return total, first
 
 
-def _image_summaries(config, variables, batch, predict_fn):
-  """uint8 [n, H, 3W+gap, 3] panels of the first eval images (collective on all processes)."""
-  n = min(config.num_image_summaries, config.eval_batch_size)
-  predictions = predict_fn(variables, batch['image'])
-  images, labels, predictions = (
-      np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]
-      for x in (batch['image'], batch['label'], predictions))
-  return viz.segmentation_panels(images, labels, predictions)
-
-
 # --------------------------------------------------------------------------- training
+
+
+def _relation_image(config, model, mesh, stats_step, variables, eval_batches, class_names,
+                    step):
+  """The relation graph of the class mean representations on the eval set, as an image."""
+  totals = relations.init_totals(config, model, variables,
+                                 (config.eval_batch_size, *config.eval_size, 3), ('R',), mesh)
+  means = relations.class_means(stats_step, totals, variables, eval_batches, mesh)
+  return relations.relation_image(means['R'], class_names, f'representation R, step {step}')
 
 
 def build_model(config):
@@ -354,18 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = state_lib.create_train_state(config, model, init_key,
                                        (*tuple(config.crop_size), 3), mesh=mesh)
 
-  checkpoint_dir = workdir / 'checkpoints'
-  manager = ocp.CheckpointManager(
-      checkpoint_dir, options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
-  # A second manager keeps the state with the best eval mIoU, whatever its age. Both save the
-  # same steps; on several hosts their barriers need distinct names, or the finalisation of
-  # one manager's save can meet the other's barrier and both wait until they time out.
-  best_manager = ocp.CheckpointManager(
-      workdir / 'checkpoints_best', options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m[_BEST_METRIC], best_mode='max', create=True,
-          multiprocessing_options=ocp.options.MultiprocessingOptions(
-              barrier_sync_key_prefix='best')))
+  checkpoint_dir = workdir / workdir_lib.CHECKPOINTS
+  # The latest states, and the one with the best eval mIoU whatever its age.
+  manager, best_manager = workdir_lib.checkpoint_managers(workdir, config.keep_checkpoints)
   total = config.num_train_steps
   parts = ('sup_loss', 'unsup_loss', 'reco_loss')
   has = (True, bool(branch_batches(config)[1]), bool(config.reco))
@@ -373,13 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                 enabled=jax.process_index() == 0)
   start = manager.latest_step() or 0
   if start:
-    state = manager.restore(start, args=ocp.args.StandardRestore(_abstract(state)))
+    state = manager.restore(start, args=ocp.args.StandardRestore(workdir_lib.abstract(state)))
     if int(_to_host(state.step)) != start:
       raise ValueError(f'Checkpoint {start} in {checkpoint_dir} holds step '
                        f'{int(_to_host(state.step))}; the directory is inconsistent.')
     best_step = best_manager.best_step()
     if best_step is not None:
-      console.best = (float(best_manager.metrics(best_step)[_BEST_METRIC]), best_step)
+      console.best = (float(best_manager.metrics(best_step)[workdir_lib.BEST_METRIC]), best_step)
     if start >= total:
       console.say(f'The run in {workdir} is complete (step {start}); nothing to do.')
       manager.close()
@@ -393,7 +375,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   train_step = steps.make_train_step(config, model, mesh)
   eval_step = steps.make_eval_step(config, model, mesh)
-  predict_fn = jax.jit(functools.partial(steps.predict, model, size=tuple(config.eval_size)))
+  query_fn = relations.make_query_maps_fn(model)
+  if config.reco:  # The class relation graph (ReCo paper Fig. 8) at each evaluation.
+    stats_step = relations.make_class_stats_step(config, model, mesh, embeddings=('R',))
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
@@ -453,13 +437,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           scalars.update({f'eval/iou/{name}': float(v) for name, v in zip(class_names, iou)})
           writer.write_scalars(done, scalars)
           if first is not None and config.num_image_summaries:
-            writer.write_images(done, {'eval/examples': _image_summaries(
-                config, variables, first, predict_fn)})
+            # image | ground truth | prediction | easy and hard queries (ReCo paper Fig. 2).
+            writer.write_images(done, {'eval/examples': relations.query_panel_images(
+                config, variables, first, query_fn)})
+          if config.reco:
+            writer.write_images(done, {'eval/relations_R': _relation_image(
+                config, model, mesh, stats_step, variables, eval_batches, class_names, done)})
           # A run stopped between this save and the regular checkpoint below repeats this
           # evaluation when resumed; the state is the same, so the saved one stands.
           if done not in best_manager.all_steps():
             best_manager.save(done, args=ocp.args.StandardSave(state),
-                              metrics={_BEST_METRIC: miou if math.isfinite(miou) else -1.0})
+                              metrics={workdir_lib.BEST_METRIC: miou if math.isfinite(miou) else -1.0})
           console.evaluation(done, miou)
       if save:
         manager.save(done, args=ocp.args.StandardSave(state))

@@ -296,12 +296,11 @@ def setup_tool(verbosity_flag_given: bool = False) -> None:
   verbosity_flag_given: the user passed --verbosity (or -v); then absl's level is theirs.
   TensorFlow only reads data here, so it must not take accelerator memory from JAX.
   """
-  import os  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from reco_jax import console  # pylint: disable=g-import-not-at-top
   if not verbosity_flag_given:
     logging.set_verbosity(logging.WARNING)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = console.import_tensorflow(quiet=not verbosity_flag_given)
   tf.get_logger().setLevel('ERROR')  # Deprecation notices of the TF1 event reader.
   try:
     tf.config.set_visible_devices([], 'GPU')

@@ -16,6 +16,7 @@ from configs import toy
 from reco_jax import steps
 from reco_jax import train
 from reco_jax import viz
+from reco_jax import workdir as workdir_lib
 from reco_jax.data import base
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -77,7 +78,7 @@ def host(tree):
 
 def restore(directory, step, like):
   with ocp.CheckpointManager(directory) as manager:
-    return manager.restore(step, args=ocp.args.StandardRestore(train._abstract(like)))
+    return manager.restore(step, args=ocp.args.StandardRestore(workdir_lib.abstract(like)))
 
 
 @pytest.fixture(scope='module')
@@ -99,7 +100,8 @@ def test_end_to_end_writes_events_checkpoints_config_and_ids(full_run):
   for name in ('sup_loss', 'unsup_loss', 'reco_loss', 'learning_rate', 'pseudo_confidence',
                'images_per_second'):
     assert f'train/{name}' in tags, name
-  assert 'eval/examples' in tags  # image | ground truth | prediction panels
+  # image | ground truth | prediction | easy | hard query panels, and the relation graph.
+  assert tags['eval/examples'] == [NUM_STEPS] and tags['eval/relations_R'] == [NUM_STEPS]
   with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
     assert manager.all_steps() == [2, 4]
   with ocp.CheckpointManager(workdir / 'checkpoints_best') as manager:
