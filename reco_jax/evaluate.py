@@ -215,7 +215,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
   f = flags.FLAGS
-  workdir_lib.setup_tool(f['verbosity'].present)
   window = [int(w) for w in f.window_size] if f.window_size else None
   if window is not None and len(window) != 2:
     raise app.UsageError(f'--window_size takes H,W; got {f.window_size}.')

@@ -151,7 +151,6 @@ def define_flags() -> None:
 @workdir_lib.user_errors
 def main(argv):
   f = flags.FLAGS
-  workdir_lib.setup_tool(f['verbosity'].present)
   # An unquoted glob reaches us expanded by the shell: its other files come as arguments.
   patterns = list(f.images) + list(argv[1:])
   written = predict_files(f.workdir, patterns, f.out, f.checkpoint, f.batch_size, f.alpha)

@@ -355,7 +355,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
   f = flags.FLAGS
-  workdir_lib.setup_tool(f['verbosity'].present)
   embeddings = parse_embedding(f.embedding)
   spaces, names, run = relations_of_workdir(f.workdir, embeddings, f.checkpoint, f.split,
                                             f.data_dir, f.eval_batch_size)

@@ -345,7 +345,6 @@ def define_flags() -> None:
 @workdir_lib.user_errors
 def main(argv):
   f = flags.FLAGS
-  workdir_lib.setup_tool(f['verbosity'].present)
   runs = find_runs(argv[1:])
   results = [load_result(r) for r in runs]
   text = to_markdown(results)

@@ -272,7 +272,8 @@ def _glob(pattern: str) -> list[str]:
 
 
 def user_errors(main_fn):
-  """Wraps a tool's main: the expected errors (bad input) end it with their message only.
+  """Wraps a tool's main: `setup_tool` first; the expected errors (bad input) end it with
+  their message only.
 
   FileNotFoundError and ValueError carry what was expected and how to fix it; a traceback
   would bury that.
@@ -282,6 +283,8 @@ def user_errors(main_fn):
 
   @functools.wraps(main_fn)
   def wrapped(argv):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    setup_tool(flags.FLAGS['verbosity'].present)
     try:
       return main_fn(argv)
     except (FileNotFoundError, ValueError) as e:

@@ -1,4 +1,5 @@
 """Shared test setup: several simulated CPU devices, set before any device use."""
+import contextlib
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -7,3 +8,26 @@ import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 4)
 jax.config.update('jax_threefry_partitionable', True)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory, min_compile_secs: float):
+  """A persistent XLA cache in `directory` while the context lasts, then none again.
+
+  Runs of the same step in one test module then compile once.
+  """
+  from jax._src import compilation_cache as cc
+  reset = getattr(cc, 'reset_cache', lambda: None)
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], str(directory))
+  jax.config.update(names[1], min_compile_secs)
+  jax.config.update(names[2], 0)
+  reset()  # An earlier compile in this process may have initialised it disabled.
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    reset()

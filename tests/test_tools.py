@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import conftest
 from configs import toy
 from reco_jax import evaluate
 from reco_jax import inference
@@ -43,19 +44,8 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
   """A persistent XLA cache: the tools' eval steps reuse the trainer's compilations."""
-  from jax._src import compilation_cache as cc
-  reset = getattr(cc, 'reset_cache', lambda: None)
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update(names[1], 0.5)  # the compilations worth a file
-  jax.config.update(names[2], 0)
-  reset()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  reset()
+  with conftest.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.5):
+    yield
 
 
 @pytest.fixture(scope='module')

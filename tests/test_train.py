@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
+import conftest
 from configs import toy
 from reco_jax import steps
 from reco_jax import train
@@ -26,19 +27,8 @@ NUM_STEPS = 4
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
   """A persistent XLA cache for this module's runs (each step compiles once), then none."""
-  from jax._src import compilation_cache as cc
-  reset = getattr(cc, 'reset_cache', lambda: None)
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  reset()  # An earlier compile in this process may have initialised it disabled.
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  reset()
+  with conftest.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
+    yield
 
 
 @pytest.fixture(scope='session')

@@ -10,22 +10,18 @@ Layout of the folder (the manual dir):
 Images keep their size and are stored as PNG (the pixels PIL decodes). Class names go into
 the dataset metadata (`reco_jax.data.base.class_names(builder)`).
 
-Building and using it:
-  1. Lay the files out as above, e.g. in /data/mine.
-  2. Build once, into a data dir of its own, since TFDS caches by builder name and version and
-     every folder dataset is called `reco_folder`:
-       reco_jax.data.base.prepare('reco_folder', data_dir='/data/mine_tfds',
-                                  manual_dir='/data/mine')
-     or let training build it on first use with the config fields
-       --config.dataset=reco_folder --config.data_dir=/data/mine_tfds
-       --config.manual_dir=/data/mine --config.num_classes=<lines of classes.txt>
-  3. Later runs only need data_dir. To rebuild after changing the files, delete
-     <data_dir>/reco_folder (an existing build is reused without reading the folder again).
+Training on it: `--config=configs/folder.py:data=/data/mine,labels=50,method=classmix` reads
+the class count, the image sizes and a data dir of its own from the folder and builds the
+dataset on first use. Built by hand instead:
+  reco_jax.data.base.prepare('reco_folder', data_dir='/data/mine_tfds', manual_dir='/data/mine')
+into a data dir of its own, since TFDS caches by builder name and version and every folder
+dataset is called `reco_folder`. An existing build is reused without reading the folder
+again: to rebuild after changing the files, delete <data_dir>/reco_folder.
 """
 from etils import epath
 import tensorflow_datasets as tfds
 
-from reco_jax import names
+from reco_jax import own_data
 from reco_jax.data import base
 from reco_jax.data import raw_io
 
@@ -44,11 +40,7 @@ _FILES = ('classes.txt',) + tuple(_SPLITS.values())
 
 def read_class_names(root: epath.Path) -> tuple[str, ...]:
   """Class names from `root/classes.txt`, index = class id; at most 255 (255 is void)."""
-  classes = tuple(line.strip() for line in (root / 'classes.txt').read_text().splitlines()
-                  if line.strip())
-  if not classes or len(classes) > names.VOID:
-    raise ValueError(f'reco_folder: {root / "classes.txt"} names {len(classes)} classes; '
-                     f'expected 1 to {names.VOID}, one per line (class id {names.VOID} is void).')
+  classes = own_data.class_names(root)
   raw_io.check_unique(classes, 'classes.txt', 'reco_folder')
   return classes
 

@@ -194,9 +194,13 @@ def load_examples(items: Iterable[tuple[str, epath.Path, epath.Path]], num_class
     image_id, image_path, label_path = item
     image = read_rgb(image_path)
     label = read_label(label_path)
-    check_same_size(image_id, image, label)
-    if transform is not None:
-      image, label = transform(image, label)
-    return image_id, encode_example(base.make_example(image_id, image, label, num_classes))
+    try:
+      check_same_size(image_id, image, label)
+      if transform is not None:
+        image, label = transform(image, label)
+      example = base.make_example(image_id, image, label, num_classes)
+    except ValueError as e:  # Name the files: the user fixes files, not ids.
+      raise ValueError(f'{e} (image {image_path}, label {label_path})') from None
+    return image_id, encode_example(example)
 
   return ordered_map(load, items)

@@ -1,0 +1,88 @@
+"""What `configs/folder.py` reads from a user's folder before anything is built.
+
+The folder has the `reco_folder` layout (see `reco_jax.data.folder`): images/, labels/,
+train.txt, val.txt and classes.txt. Only text files and image headers are read here (no
+TensorFlow), so that a config can be made from the folder cheaply.
+"""
+import hashlib
+import os
+import pathlib
+
+from PIL import Image
+
+from reco_jax import names
+
+_LISTS = {'train': 'train.txt', 'validation': 'val.txt'}
+
+
+def class_names(root: str | os.PathLike) -> tuple[str, ...]:
+  """Class names from `root/classes.txt`, index = class id; at most 255 (255 is void)."""
+  path = pathlib.Path(root) / 'classes.txt'
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} does not exist: a folder dataset names its classes in '
+                            'classes.txt, one per line (line i names class id i).')
+  classes = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+  if not classes or len(classes) > names.VOID:
+    raise ValueError(f'{path} names {len(classes)} classes; expected 1 to {names.VOID}, one '
+                     f'per line (class id {names.VOID} is void).')
+  return classes
+
+
+def _stems(root: pathlib.Path, split: str) -> list[str]:
+  path = root / _LISTS[split]
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} does not exist: list the image stems of the {split} '
+                            'split, one per line.')
+  return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _image_path(root: pathlib.Path, stem: str) -> pathlib.Path:
+  for suffix in ('.jpg', '.jpeg', '.png', '.JPG', '.JPEG', '.PNG'):
+    path = root / 'images' / f'{stem}{suffix}'
+    if path.is_file():
+      return path
+  raise FileNotFoundError(f'{root / "images"} has no image {stem}.jpg or {stem}.png, listed in '
+                          'a split list; add it or remove the stem from the list.')
+
+
+def image_sizes(root: str | os.PathLike, split: str) -> list[tuple[int, int]]:
+  """(height, width) of every image of `split` ('train' or 'validation'), from the headers."""
+  root = pathlib.Path(root)
+  sizes = []
+  for stem in _stems(root, split):
+    with Image.open(_image_path(root, stem)) as image:
+      sizes.append((image.height, image.width))
+  if not sizes:
+    raise ValueError(f'{root / _LISTS[split]} is empty; list the image stems of the {split} '
+                     'split, one per line.')
+  return sizes
+
+
+def crop_and_eval_size(root: str | os.PathLike, max_crop: int = 321
+                       ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Training crop and evaluation size chosen from the images.
+
+  The crop is square: the smallest training image side, at most `max_crop`, rounded down to
+  8k + 1 (321 on VOC-sized images, as the paper). The evaluation size holds the largest
+  validation image, each side rounded up to 16k + 1 (513 for VOC's 500 px images, as the
+  reference pads them).
+  """
+  smallest = min(min(size) for size in image_sizes(root, 'train'))
+  side = max(min(smallest, max_crop) - 1, 8) // 8 * 8 + 1
+  val = image_sizes(root, 'validation')
+  height, width = (max(size[i] for size in val) for i in (0, 1))
+  up = lambda n: -(-(n - 1) // 16) * 16 + 1
+  return (side, side), (up(height), up(width))
+
+
+def data_dir(root: str | os.PathLike) -> str:
+  """A TFDS data dir of this folder's own, so that two folder datasets never share a cache.
+
+  Every folder dataset is the builder `reco_folder`; its prepared files go below
+  $TFDS_DATA_DIR (or ~/tensorflow_datasets) in `reco_folders/<folder name>-<path hash>`.
+  """
+  root = pathlib.Path(root).resolve()
+  digest = hashlib.sha256(str(root).encode()).hexdigest()[:10]
+  base = os.environ.get('TFDS_DATA_DIR') or os.path.join(os.path.expanduser('~'),
+                                                         'tensorflow_datasets')
+  return os.path.join(base, 'reco_folders', f'{root.name}-{digest}')

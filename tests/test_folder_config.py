@@ -1,0 +1,87 @@
+"""configs/folder.py: one's own data in one config argument, and errors that name the file."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import fake_raw
+from configs import folder as folder_config
+from reco_jax import own_data
+from reco_jax import train
+from reco_jax.data import base
+
+
+@pytest.fixture
+def tfds_home(tmp_path, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds_home'))
+  return tmp_path / 'tfds_home'
+
+
+def test_config_reads_classes_sizes_and_a_data_dir_of_its_own(tmp_path, tfds_home):
+  fake_raw.make_folder(tmp_path / 'mine', classes=('sky', 'road', 'car', 'person'),
+                       size=(40, 60))
+  fake_raw.make_folder(tmp_path / 'other' / 'mine', size=(40, 60))
+  c = folder_config.get_config(f'data={tmp_path / "mine"},labels=3,method=cutmix,seed=2')
+  assert c.dataset == 'reco_folder' and c.num_classes == 4
+  assert c.labels == 3 and c.method == 'cutmix' and c.seed == 2
+  assert tuple(c.crop_size) == (33, 33)  # the 40 px side as 8k + 1
+  assert tuple(c.eval_size) == (49, 65)  # 40 x 60 as 16k + 1
+  assert c.manual_dir == str((tmp_path / 'mine').resolve())
+  assert c.data_dir.startswith(str(tfds_home))
+  # Two folders of the same name never share a prepared dataset.
+  other = folder_config.get_config(f'data={tmp_path / "other" / "mine"}')
+  assert other.data_dir != c.data_dir and other.num_classes == 3
+
+
+def test_sizes_follow_the_paper_on_voc_sized_images(tmp_path):
+  fake_raw.make_folder(tmp_path / 'voc_like', train=('a', 'b'), val=('c',), size=(500, 375))
+  crop, eval_size = own_data.crop_and_eval_size(tmp_path / 'voc_like')
+  assert crop == (321, 321) and eval_size == (513, 385)
+
+
+@pytest.mark.parametrize('arg, error, match', [
+    ('labels=3', ValueError, 'needs the dataset folder'),
+    ('data=/nonexistent/folder', FileNotFoundError, 'is not a folder'),
+])
+def test_config_without_a_folder_is_a_clear_error(arg, error, match):
+  with pytest.raises(error, match=match):
+    folder_config.get_config(arg)
+
+
+def test_config_trains_a_few_steps_on_a_generated_folder(tmp_path, tfds_home):
+  fake_raw.make_folder(tmp_path / 'mine', size=(40, 60))
+  c = folder_config.get_config(
+      f'data={tmp_path / "mine"},labels=2,method=supervised,reco=False,runlocal')
+  c.num_train_steps = 2
+  c.eval_every_steps = c.checkpoint_every_steps = c.log_every_steps = 2
+  c.num_image_summaries = 0
+  state = train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert int(state.step) == 2
+  assert base.class_names(tfds.builder('reco_folder', data_dir=c.data_dir)) == (
+      'sky', 'road', 'car')
+
+
+def _build_fails(raw, tmp_path, match):
+  with pytest.raises(ValueError, match=match):
+    base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+
+
+def test_label_id_outside_classes_names_the_file(tmp_path):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw, classes=('sky', 'road'))
+  fake_raw.save_png(raw / 'labels' / 'e.png', np.full((40, 60), 7, np.uint8))
+  _build_fails(raw, tmp_path, r'label values \[7\] are not class ids 0..1.*labels/e\.png')
+
+
+def test_label_of_another_size_names_the_file(tmp_path):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)
+  fake_raw.save_png(raw / 'labels' / 'b.png', np.zeros((20, 60), np.uint8))
+  _build_fails(raw, tmp_path, r'image is 40x60 but its label is 20x60.*labels/b\.png')
+
+
+def test_image_without_label_names_the_file(tmp_path):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)
+  (raw / 'labels' / 'c.png').unlink()
+  with pytest.raises(FileNotFoundError, match=r'labels/c\.png'):
+    base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
