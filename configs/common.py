@@ -17,7 +17,8 @@ from reco_jax.defaults import base_config
 METHODS = methods.METHODS
 
 # Choices checked by `parse_arg` for the keys that take one of a few strings.
-CHOICES = {'method': METHODS, 'partial': names.PARTIALS, 'backbone': names.MODELS}
+CHOICES = {'method': METHODS, 'partial': names.PARTIALS, 'backbone': names.MODELS,
+           'split': tuple(names.LABELLED_POOLS)}
 
 _TRUE = ('true', 't', 'yes', 'y', '1')
 _FALSE = ('false', 'f', 'no', 'n', '0')
@@ -117,7 +118,8 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
     method is set: see `train.branch_batches`.)
   """
   args, given = _parse(arg, dict(labels=default_labels, partial='', method='classmix',
-                                 reco=True, seed=0, backbone='deeplabv3p', runlocal=False))
+                                 reco=True, seed=0, backbone='deeplabv3p', split='',
+                                 unlabelled_fraction=1.0, runlocal=False))
   c = base_config()
   for key, value in dict(dataset).items():
     if isinstance(value, Mapping):  # Nested fields (model, optimizer) are updated, not replaced.
@@ -134,6 +136,13 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
       raise ValueError(f'partial={args.partial} labels every training image sparsely; '
                        f'drop labels={args.labels} (or set labels=0).')
     c.labels = 0
+  if args.split and c.dataset != 'reco_voc':
+    raise ValueError(f'split={args.split} is a partition of Pascal VOC; {c.dataset} has none.')
+  if args.split and args.partial:
+    raise ValueError(f'split={args.split} draws a labelled subset; partial={args.partial} '
+                     'labels every image: choose one.')
+  c.split = args.split
+  c.unlabelled_fraction = args.unlabelled_fraction
   c.method = args.method
   c.reco = args.reco
   c.seed = args.seed

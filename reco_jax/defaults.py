@@ -16,6 +16,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.labels = 200
   c.min_classes = 3
   c.partial = ''
+  # Where the labelled subset comes from: '' = every train image (ReCo paper Table 1);
+  # 'pseudoseg' = VOC's original 1,464-image train list (the PseudoSeg partition, Table 2).
+  c.split = ''
+  # Share of the unlabelled images used, seeded (ReCo paper Fig. 7c).
+  c.unlabelled_fraction = 1.0
   c.crop_size = (321, 321)
   c.scale_range = (0.5, 1.5)
   c.eval_size = (513, 513)

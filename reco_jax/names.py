@@ -14,3 +14,8 @@ PARTIALS = ('',) + tuple(PARTIAL_FRACTIONS)
 
 # Segmentation networks (config.model.name).
 MODELS = ('deeplabv3p', 'deeplabv2')
+
+# config.split: the pools the labelled subset may be drawn from, with the shipped id list of
+# each ('' = every train image). PseudoSeg's partition (ReCo paper Table 2) draws from the
+# 1,464 images of VOC 2012's original segmentation train list.
+LABELLED_POOLS = {'': None, 'pseudoseg': 'voc_train_1464.txt'}

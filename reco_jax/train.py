@@ -75,6 +75,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'The config lacks the fields {missing}; start from a file in configs/ '
                      '(reco_jax/defaults.py lists every field with its default).')
   methods.get(config.method)  # Names the valid methods for an unknown one.
+  if config.split not in names.LABELLED_POOLS:
+    raise ValueError(f'config.split={config.split!r}: expected one of '
+                     f'{tuple(names.LABELLED_POOLS)}.')
+  if not 0.0 < config.unlabelled_fraction <= 1.0:
+    raise ValueError(f'config.unlabelled_fraction={config.unlabelled_fraction}: expected a '
+                     'fraction in (0, 1].')
   if config.partial not in names.PARTIALS:
     raise ValueError(f"config.partial={config.partial!r}: expected '' (full labels) or one of "
                      f'{names.PARTIALS[1:]}.')
@@ -172,8 +178,20 @@ def _train_iterators(config, builder, start_batch: int):
       seed=config.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      start_batch=start_batch)
+      start_batch=start_batch,
+      labelled_pool=_labelled_pool(config.split),
+      unlabelled_fraction=float(config.unlabelled_fraction))
   return pipeline.train_iterators(builder, **kwargs)
+
+
+def _labelled_pool(split: str) -> list[str] | None:
+  """The shipped id list the labelled subset of config.split is drawn from (None: all)."""
+  filename = names.LABELLED_POOLS[split]
+  if filename is None:
+    return None
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  text = (importlib.resources.files('reco_jax.data') / 'splits' / filename).read_text()
+  return text.split()
 
 
 def _eval_iterator(config, builder):

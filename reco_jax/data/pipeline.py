@@ -269,11 +269,31 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
+def unlabelled_selection(ids: Sequence[str], labelled_ids: Sequence[str], fraction: float,
+                         seed: int) -> tuple[Sequence[str], bool, int]:
+  """Which train images the unlabelled stream reads: (ids, keep, count) for `_stream`.
+
+  The images not labelled (all of them when every image is labelled, as in the reference),
+  or a seeded `fraction` of those.
+  """
+  all_labelled = len(labelled_ids) == len(ids)
+  if fraction < 1.0:
+    chosen = set(labelled_ids)
+    pool = ids if all_labelled else [i for i in ids if i not in chosen]
+    u_ids = splits.seeded_fraction(pool, fraction, seed)
+    return u_ids, True, len(u_ids)
+  if all_labelled:
+    return labelled_ids, True, len(labelled_ids)
+  return labelled_ids, False, len(ids) - len(labelled_ids)
+
+
 def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_classes: int,
                     num_classes: int, partial: str, crop_size: tuple[int, int],
                     scale_range: tuple[float, float], labelled_batch: int,
                     unlabelled_batch: int, seed: int, process_index: int = 0,
                     process_count: int = 1, start_batch: int = 0,
+                    labelled_pool: Sequence[str] | None = None,
+                    unlabelled_fraction: float = 1.0,
                     ) -> tuple[Iterator[dict], Iterator[dict] | None, list[str]]:
   """Infinite iterators of this process's training batches.
 
@@ -303,6 +323,11 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
     start_batch: batches already consumed (a resumed run): the iterators yield exactly what an
       uninterrupted run would yield from that batch on. Skipping happens on encoded examples,
       before decoding and augmentation (each example's augmentation seed is its position).
+    labelled_pool: the ids the labelled subset is drawn from (e.g. the 1,464 images of VOC's
+      original train list, the PseudoSeg partition of the ReCo paper's Table 2); None = every
+      train image. The unlabelled images are still all the others.
+    unlabelled_fraction: in (0, 1]: a seeded subset of this fraction of the unlabelled images
+      is used (ReCo paper Fig. 7c).
 
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
@@ -327,9 +352,21 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
   if start_batch < 0:
     raise ValueError(f'start_batch must be >= 0, got {start_batch}.')
 
+  if not 0.0 < unlabelled_fraction <= 1.0:
+    raise ValueError(f'unlabelled_fraction must be in (0, 1], got {unlabelled_fraction}.')
+
   ids, classes = train_ids_and_classes(builder)
-  labelled_ids = splits.select_labelled(ids, classes, num_labels, min_classes=min_classes,
-                                        num_classes=num_classes, seed=seed)
+  pool_ids, pool_classes = ids, classes
+  if labelled_pool is not None:
+    pool = set(labelled_pool)
+    pool_ids = [i for i in ids if i in pool]
+    pool_classes = [c for i, c in zip(ids, classes) if i in pool]
+    if num_labels > len(pool_ids) or not pool_ids:
+      raise ValueError(f'{num_labels} labelled images requested from a pool of '
+                       f'{len(pool_ids)} train images ({len(pool)} listed); lower num_labels.')
+  labelled_ids = splits.select_labelled(pool_ids, pool_classes, num_labels,
+                                        min_classes=min_classes, num_classes=num_classes,
+                                        seed=seed)
   all_labelled = len(labelled_ids) == len(ids)
   partial_fn = _partial_fn(partial, seed) if partial else None
   common = dict(process_index=process_index, process_count=process_count)
@@ -353,10 +390,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
 
   unlabelled = None
   if local_u:
-    if all_labelled:  # every image is labelled: the unlabelled stream reads them all too
-      u_ids, keep, count = labelled_ids, True, len(labelled_ids)
-    else:
-      u_ids, keep, count = labelled_ids, False, len(ids) - len(labelled_ids)
+    u_ids, keep, count = unlabelled_selection(ids, labelled_ids, unlabelled_fraction, seed)
     if count == 0:
       raise ValueError('unlabelled_batch > 0 but no train image is left unlabelled.')
     u_seed = derive_seed(seed, 'unlabelled', process_index)

@@ -153,3 +153,12 @@ def partial_labels(label: np.ndarray, mode: str, seed: int) -> np.ndarray:
     keep = rings <= dilations
     out[ys[keep], xs[keep]] = c
   return out.reshape(label.shape)
+
+
+def seeded_fraction(ids: Sequence[str], fraction: float, seed: int) -> list[str]:
+  """A subset of round(fraction * len(ids)) ids (at least one), drawn with `seed`, in order."""
+  count = max(1, int(round(fraction * len(ids))))
+  rng = np.random.default_rng(int.from_bytes(
+      hashlib.sha256(f'unlabelled_fraction/{seed}'.encode()).digest()[:8], 'little'))
+  chosen = set(rng.choice(len(ids), size=count, replace=False).tolist())
+  return [i for n, i in enumerate(ids) if n in chosen]
