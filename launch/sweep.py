@@ -1,7 +1,9 @@
-"""Runs (or prints) the experiment grids of the ReCo paper's Table 1 and Table 3.
+"""Runs (or prints) the experiment grids of the ReCo paper's Tables 1, 2 and 3.
 
 Table 1 (labelled subsets, DeepLabV3+): for each dataset and number of labels, Supervised,
 ClassMix and ReCo + ClassMix; with all labels, Supervised and ReCo + Supervised.
+Table 2 (VOC, the PseudoSeg partition: 92, 183, 366 or 732 labelled images of the 1,464 of the
+original train list, the rest of train_aug unlabelled): the same three methods.
 Table 3 (partial labels: 1 pixel, 1%, 5%, 25% per class): ReCo + ClassMix on VOC and Cityscapes.
 Every cell is run for seeds 0, 1, 2 (the paper reports the mean).
 
@@ -10,6 +12,7 @@ Every cell is run for seeds 0, 1, 2 (the paper reports the mean).
       --launcher=tpu --tpu_name=my-tpu --zone=us-central2-b   # run them one after another
 Runs resume from their own workdir, so re-running the sweep skips over finished work cheaply.
 Workdirs: WORKDIR_ROOT/table1/DATASET/LABELS/METHOD/seedS (LABELS = 'all' for labels=0) and
+WORKDIR_ROOT/table2/voc/LABELS/METHOD/seedS and
 WORKDIR_ROOT/table3/DATASET/PARTIAL/reco_classmix/seedS. Their results tables, in the paper's
 layout: python -m reco_jax.results WORKDIR_ROOT
 """
@@ -26,6 +29,7 @@ from reco_jax import names
 LABELS = {'voc': (60, 200, 600, 0), 'cityscapes': (20, 50, 150, 0), 'sun': (50, 150, 500, 0)}
 PARTIALS = names.PARTIALS[1:]  # every partial-label mode
 PARTIAL_DATASETS = ('voc', 'cityscapes')
+PSEUDOSEG_LABELS = (92, 183, 366, 732)  # 1/16, 1/8, 1/4, 1/2 of VOC's 1,464 train images
 SEEDS = (0, 1, 2)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (name, method, reco) of the Table 1 rows; subsets of the labels use the first three.
@@ -71,11 +75,24 @@ def table3(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
                   f'table3/{dataset}/{partial}/reco_classmix/seed{seed}')
 
 
+def table2(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
+  """VOC in the PseudoSeg partition: 1/16 .. 1/2 of the 1,464 original train images."""
+  if 'voc' not in datasets:
+    return
+  for labels in PSEUDOSEG_LABELS:
+    for name, method, reco in SUBSET_METHODS:
+      for seed in seeds:
+        arg = f'split=pseudoseg,labels={labels},method={method},reco={reco},seed={seed}'
+        yield Run(2, 'voc', name, arg, f'table2/voc/{labels}/{name}/seed{seed}')
+
+
 def runs(tables: Sequence[int], datasets: Sequence[str], seeds: Sequence[int]) -> list[Run]:
   """Every run of the chosen tables, datasets and seeds, in table order."""
   out = []
   if 1 in tables:
     out.extend(table1(datasets, seeds))
+  if 2 in tables:
+    out.extend(table2(datasets, seeds))
   if 3 in tables:
     out.extend(table3(datasets, seeds))
   return out
@@ -101,7 +118,7 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
-  p.add_argument('--tables', type=_int_list, default=[1, 3], help='tables to run: 1,3')
+  p.add_argument('--tables', type=_int_list, default=[1, 2, 3], help='tables to run: 1,2,3')
   p.add_argument('--datasets', default='voc,cityscapes,sun',
                  help='comma-separated subset of voc,cityscapes,sun')
   p.add_argument('--seeds', type=_int_list, default=list(SEEDS))
@@ -116,9 +133,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   bad = sorted(set(args.datasets) - set(LABELS))
   if bad:
     p.error(f'unknown datasets {bad}; expected a subset of {sorted(LABELS)}')
-  bad = sorted(set(args.tables) - {1, 3})
+  bad = sorted(set(args.tables) - {1, 2, 3})
   if bad:
-    p.error(f'unknown tables {bad}; expected 1 and/or 3')
+    p.error(f'unknown tables {bad}; expected some of 1, 2, 3')
   if args.launcher == 'tpu' and not (args.tpu_name and args.zone):
     p.error('--launcher=tpu needs --tpu_name and --zone')
   return args

@@ -59,6 +59,7 @@ class RunResult:
   num_train_steps: int
   last_step: int
   miou: dict[int, float]
+  split: str = ''  # config.split: '' or 'pseudoseg' (Table 2)
 
   @property
   def finished(self) -> bool:
@@ -100,7 +101,9 @@ class RunResult:
 
   @property
   def table(self) -> tuple[str, str, str]:
-    return self.dataset, self.model, 'partial' if self.partial else 'labels'
+    if self.partial:
+      return self.dataset, self.model, 'partial'
+    return self.dataset, self.model, self.split or 'labels'
 
 
 def read_scalars(workdir: str | epath.Path, tags: Iterable[str] = (MIOU_TAG,)
@@ -212,7 +215,7 @@ def load_result(workdir: str | epath.Path) -> RunResult:
       labels=int(config['labels']), partial=str(config['partial'] or ''),
       method=str(config['method']), reco=bool(config['reco']), seed=int(config['seed']),
       num_train_steps=int(config['num_train_steps']), last_step=last,
-      miou=scalars[MIOU_TAG])
+      miou=scalars[MIOU_TAG], split=str(config.get('split', '') or ''))
 
 
 @dataclasses.dataclass
@@ -264,6 +267,10 @@ class Table:
     return '\n'.join(lines)
 
 
+_TABLES = {'labels': 'Table 1: labelled images', 'partial': 'Table 3: partial labels',
+           'pseudoseg': 'Table 2: labelled images of the PseudoSeg partition'}
+
+
 def make_tables(results: Sequence[RunResult]) -> list[Table]:
   """Groups runs into tables (dataset, backbone, budget kind), rows and columns sorted."""
   groups = collections.defaultdict(list)
@@ -271,7 +278,7 @@ def make_tables(results: Sequence[RunResult]) -> list[Table]:
     groups[r.table].append(r)
   tables = []
   for (dataset, model, kind), runs in sorted(groups.items()):
-    which = 'Table 3: partial labels' if kind == 'partial' else 'Table 1: labelled images'
+    which = _TABLES.get(kind, f'labelled images from {kind}')
     title = (f'{DATASET_NAMES.get(dataset, dataset)}, {MODEL_NAMES.get(model, model)} '
              f'({which})')
     rows = [r.row_name for r in sorted(runs, key=lambda r: r.row)]

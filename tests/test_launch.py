@@ -60,11 +60,23 @@ def test_sweep_prints_table3_partial_grid():
   assert {p for _, p, _ in seen} == {'p0', 'p1', 'p5', 'p25'}
 
 
+def test_sweep_prints_table2_pseudoseg_grid():
+  lines = _sweep('--tables=2', '--datasets=voc,cityscapes')
+  assert len(lines) == 4 * 3 * 3
+  cells = collections.Counter()
+  for line in lines:
+    path, args = _config_args(line)
+    assert pathlib.Path(path).stem == 'voc' and args['split'] == 'pseudoseg'
+    assert '/table2/voc/' in line
+    cells[args['labels'], args['method'], args['reco']] += 1
+  assert {k[0] for k in cells} == {'92', '183', '366', '732'} and set(cells.values()) == {3}
+
+
 def test_sweep_commands_resolve_to_valid_configs():
   from configs import cityscapes, sun, voc  # noqa: F401
   modules = {'voc': voc, 'cityscapes': cityscapes, 'sun': sun}
   lines = _sweep()
-  assert len(lines) == 99 + 24
+  assert len(lines) == 99 + 4 * 3 * 3 + 24
   workdirs = set()
   for line in lines:
     path, _ = _config_args(line)

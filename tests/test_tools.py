@@ -319,13 +319,13 @@ def _sweep_module():
 
 
 def fake_run(workdir, *, labels, method, reco, seed, miou, steps_done, total=40000,
-             dataset='reco_voc', partial=''):
+             dataset='reco_voc', partial='', split=''):
   """A workdir as the trainer leaves it: config.json and CLU event files."""
   from clu import metric_writers
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True)
   config = dict(dataset=dataset, labels=labels, partial=partial, method=method, reco=reco,
-                seed=seed, num_train_steps=total, model=dict(name='deeplabv3p'))
+                seed=seed, num_train_steps=total, model=dict(name='deeplabv3p'), split=split)
   (workdir / 'config.json').write_text(json.dumps(config))
   writer = metric_writers.create_default_writer(str(workdir), asynchronous=False)
   for step, value in miou.items():
@@ -333,6 +333,22 @@ def fake_run(workdir, *, labels, method, reco, seed, miou, steps_done, total=400
   writer.write_scalars(steps_done, {'train/loss': 1.0})
   writer.close()
   return workdir
+
+
+def test_results_put_the_pseudoseg_partition_in_a_table_of_its_own(tmp_path):
+  for seed, value in enumerate((0.70, 0.74)):
+    fake_run(tmp_path / f'p{seed}', labels=92, method='classmix', reco=True, seed=seed,
+             miou={40000: value}, steps_done=40000, split='pseudoseg')
+  fake_run(tmp_path / 'plain', labels=92, method='classmix', reco=True, seed=0,
+           miou={40000: 0.5}, steps_done=40000)
+  tables = results.make_tables(
+      [results.load_result(tmp_path / n) for n in ('p0', 'p1', 'plain')])
+  titles = sorted(t.title for t in tables)
+  assert len(tables) == 2 and any('Table 2' in t for t in titles), titles
+  table2 = next(t for t in tables if 'Table 2' in t.title)
+  assert sorted(r.seed for r in table2.runs['ReCo + ClassMix', '92 labels']) == [0, 1]
+  assert table2.cell('ReCo + ClassMix', '92 labels', 'final').values == pytest.approx(
+      [0.70, 0.74])
 
 
 def test_results_table_means_ranges_and_unfinished_runs(tmp_path):
