@@ -176,10 +176,10 @@ def test_supervised_step_trains_and_fits(mesh, model, state):
   assert max_abs_diff(init.ema_params, state.ema_params) == 0
 
 
-# Each method's numbers in every combination are pinned by tests/test_golden_steps.py.
+# Each method's numbers are pinned by tests/test_golden_steps.py; CutMix + ReCo trains in
+# test_semi_step_is_the_composition_of_its_public_pieces.
 @pytest.mark.parametrize('method,reco,partial', [
     ('cutout', False, ''),
-    ('cutmix', True, ''),
     ('classmix', True, 'p1'),
 ])
 def test_semi_supervised_variants_train(mesh, model, state, method, reco, partial):
@@ -192,7 +192,8 @@ def test_semi_supervised_variants_train(mesh, model, state, method, reco, partia
   check_training(config, init, state, history)
 
 
-@pytest.mark.parametrize('method,reco', [('classmix', True), ('cutout', False)])
+# ReCo couples the two passes, the hardest case; golden values pin a recomputed step without it.
+@pytest.mark.parametrize('method,reco', [('classmix', True)])
 def test_recomputing_the_labelled_pass_changes_nothing(mesh, model, initial_state, method,
                                                        reco):
   batch = parallel.shard_batch(mesh, make_batch())
