@@ -242,3 +242,29 @@ def test_start_batch_continues_the_uninterrupted_stream(builder):
   np.testing.assert_array_equal(l['label'], batches[2][0]['label'])
   np.testing.assert_array_equal(u['image'], batches[2][1]['image'])
   assert not np.array_equal(l['image'], batches[1][0]['image'])
+
+
+def test_labelled_subset_is_drawn_from_the_pool(builder):
+  pool = [f'train_{i:05d}' for i in range(0, 48, 3)]
+  for seed in (0, 1):
+    _, unlabelled, ids = _train(builder, num_labels=4, labelled_pool=pool, seed=seed)
+    assert len(ids) == 4 and set(ids) <= set(pool)
+    assert _train(builder, num_labels=4, labelled_pool=pool, seed=seed)[2] == ids
+    assert next(unlabelled)['image'].shape == (2, 40, 48, 3)
+  with pytest.raises(ValueError, match='pool of 16 train images'):
+    _train(builder, labelled_pool=pool, num_labels=20)
+
+
+def test_a_fraction_of_the_unlabelled_images_feeds_the_unlabelled_stream(builder):
+  ids = [f'i{n}' for n in range(40)]
+  labelled = ids[:8]
+  assert pipeline.unlabelled_selection(ids, labelled, 1.0, 0) == (labelled, False, 32)
+  half, keep, count = pipeline.unlabelled_selection(ids, labelled, 0.5, 0)
+  assert keep and count == len(half) == 16 and not set(half) & set(labelled)
+  # Every image labelled: the unlabelled stream reads (a fraction of) all of them.
+  assert pipeline.unlabelled_selection(ids, ids, 1.0, 0) == (ids, True, 40)
+  assert pipeline.unlabelled_selection(ids, ids, 0.25, 0)[2] == 10
+  _, unlabelled, _ = _train(builder, num_labels=4, unlabelled_fraction=0.5)
+  assert next(unlabelled)['image'].shape == (2, 40, 48, 3)
+  with pytest.raises(ValueError, match='unlabelled_fraction'):
+    _train(builder, num_labels=4, unlabelled_fraction=0.0)
