@@ -67,3 +67,15 @@ def per_device_concat(arrays: Sequence[jax.Array], num_devices: int) -> jax.Arra
                      'devices of the mesh; change config.batch_size.')
   blocks = [a.reshape((num_devices, a.shape[0] // num_devices) + a.shape[1:]) for a in arrays]
   return jnp.concatenate(blocks, axis=1).reshape((-1,) + arrays[0].shape[1:])
+
+
+def to_host(tree):
+  """Replicated (possibly multi-process) arrays -> numpy, without a cross-host gather.
+
+  Each process reads its own first replica; non-array leaves pass through np.asarray.
+  """
+  def get(x):
+    if isinstance(x, jax.Array):
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)

@@ -153,17 +153,12 @@ def class_means(stats_step: Callable, totals: dict, variables, batches,
     totals = stats_step(variables, parallel.shard_batch(mesh, local), totals)
   out = {}
   for name, (sums, counts) in totals.items():
-    sums = np.asarray(_host(sums), np.float64)
-    counts = np.rint(np.asarray(_host(counts))).astype(np.int64)
+    sums = np.asarray(parallel.to_host(sums), np.float64)
+    counts = np.rint(np.asarray(parallel.to_host(counts))).astype(np.int64)
     with np.errstate(invalid='ignore', divide='ignore'):
       means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], np.nan)
     out[name] = ClassMeans(means, counts)
   return out
-
-
-def _host(x):
-  """A replicated (possibly multi-process) array on the host, without a collective."""
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
 def relation_graph(means: np.ndarray) -> np.ndarray:

@@ -222,15 +222,6 @@ def _global_batches(mesh, labelled, unlabelled) -> Iterator[dict]:
 # --------------------------------------------------------------------------- host helpers
 
 
-def _to_host(tree):
-  """Replicated (possibly multi-process) arrays -> numpy, without a cross-host gather."""
-  def get(x):
-    if isinstance(x, jax.Array):
-      return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
-  return jax.tree.map(get, tree)
-
-
 def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   flat = {}
   for k, v in d.items():
@@ -297,7 +288,7 @@ def evaluate(eval_step, variables, eval_batches, mesh, num_classes: int):
     confusions.append(eval_step(variables, batch))
   total = np.zeros((num_classes, num_classes), np.int64)
   for confusion in confusions:
-    total += _to_host(confusion).astype(np.int64)
+    total += parallel.to_host(confusion).astype(np.int64)
   return total, first
 
 
@@ -374,9 +365,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   start = manager.latest_step() or 0
   if start:
     state = manager.restore(start, args=ocp.args.StandardRestore(workdir_lib.abstract(state)))
-    if int(_to_host(state.step)) != start:
+    if int(parallel.to_host(state.step)) != start:
       raise ValueError(f'Checkpoint {start} in {checkpoint_dir} holds step '
-                       f'{int(_to_host(state.step))}; the directory is inconsistent.')
+                       f'{int(parallel.to_host(state.step))}; the directory is inconsistent.')
     best_step = best_manager.best_step()
     if best_step is not None:
       console.best = (float(best_manager.metrics(best_step)[workdir_lib.BEST_METRIC]), best_step)
@@ -426,13 +417,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if log or evaluate_now or save:
         # Fetching the metrics syncs with the devices; done only at these steps so that
         # dispatch runs ahead otherwise. A NaN state is never saved: it is caught here first.
-        records = [(s, _to_host(m)) for s, m in pending]
+        records = [(s, parallel.to_host(m)) for s, m in pending]
         pending = []
         _check_finite(records, last_saved, checkpoint_dir)
         window.extend(records)
         # A finite loss can still come with overflowing parameters: never save or keep those.
         if (evaluate_now or save) and not bool(
-            _to_host(_all_finite((state.params, state.ema_params)))):
+            parallel.to_host(_all_finite((state.params, state.ema_params)))):
           raise _diverged(done, 'non-finite parameters', last_saved, checkpoint_dir)
       if log:
         elapsed = time.time() - window_start
@@ -491,5 +482,5 @@ def params_fingerprint(params) -> float:
   Computed on the host from local data without any collective, so comparing the value
   logged by each process checks that the replicas of a multi-host run agree.
   """
-  leaves = jax.tree.leaves(_to_host(params))
+  leaves = jax.tree.leaves(parallel.to_host(params))
   return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves))
