@@ -189,9 +189,8 @@ def _labelled_pool(split: str) -> list[str] | None:
   filename = names.LABELLED_POOLS[split]
   if filename is None:
     return None
-  import importlib.resources  # pylint: disable=g-import-not-at-top
-  text = (importlib.resources.files('reco_jax.data') / 'splits' / filename).read_text()
-  return text.split()
+  from reco_jax.data import raw_io  # pylint: disable=g-import-not-at-top
+  return raw_io.shipped_ids(filename)
 
 
 def _eval_iterator(config, builder):
@@ -358,10 +357,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # The latest states, and the one with the best eval mIoU whatever its age.
   manager, best_manager = workdir_lib.checkpoint_managers(workdir, config.keep_checkpoints)
   total = config.num_train_steps
-  parts = ('sup_loss', 'unsup_loss', 'reco_loss')
-  has = (True, bool(branch_batches(config)[1]), bool(config.reco))
-  console = console_lib.Console(total, [p for p, h in zip(parts, has) if h],
-                                enabled=jax.process_index() == 0)
+  parts = (['sup_loss'] + ['unsup_loss'] * bool(branch_batches(config)[1])
+           + ['reco_loss'] * bool(config.reco))
+  console = console_lib.Console(total, parts, enabled=jax.process_index() == 0)
   start = manager.latest_step() or 0
   if start:
     state = manager.restore(start, args=ocp.args.StandardRestore(workdir_lib.abstract(state)))

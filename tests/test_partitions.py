@@ -1,25 +1,20 @@
 """Where the labelled and unlabelled images come from: the PseudoSeg partition (ReCo paper
 Table 2) and a fraction of the unlabelled images (Fig. 7c); their pipeline tests are in
 test_pipeline.py."""
-import importlib.resources
-
 import pytest
 
 from configs import cityscapes
 from configs import voc
 from reco_jax import names
 from reco_jax import train
+from reco_jax.data import raw_io
 from reco_jax.data import splits
 
 
-def _shipped(filename):
-  return (importlib.resources.files('reco_jax.data') / 'splits' / filename).read_text().split()
-
-
 def test_pseudoseg_pool_is_vocs_1464_train_images_within_train_aug():
-  pool = _shipped(names.LABELLED_POOLS['pseudoseg'])
+  pool = raw_io.shipped_ids(names.LABELLED_POOLS['pseudoseg'])
   assert len(pool) == len(set(pool)) == 1464
-  assert set(pool) <= set(_shipped('voc_train_aug.txt'))
+  assert set(pool) <= set(raw_io.shipped_ids('voc_train_aug.txt'))
   assert train._labelled_pool('pseudoseg') == pool and train._labelled_pool('') is None
 
 

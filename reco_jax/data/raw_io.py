@@ -89,7 +89,13 @@ def read_id_list(root: epath.Path, filename: str, shipped: str | None = None) ->
   elif shipped is None:
     raise FileNotFoundError(f'{path} is missing; it lists ids, one per line.')
   else:
-    text = (importlib.resources.files('reco_jax.data') / 'splits' / shipped).read_text()
+    return shipped_ids(shipped)
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def shipped_ids(filename: str) -> list[str]:
+  """The ids of a split list shipped in reco_jax/data/splits, one per line."""
+  text = (importlib.resources.files('reco_jax.data') / 'splits' / filename).read_text()
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
