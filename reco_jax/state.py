@@ -27,6 +27,9 @@ class TrainState(struct.PyTreeNode):
   ema_params / ema_batch_stats: the Mean Teacher. Its parameters are the EMA of the student's;
     its BatchNorm running statistics are its own, updated when it runs in training mode on the
     unlabelled batch (the reference's EMA averages parameters only, never buffers).
+  extras: state a method keeps beside the student (e.g. a discriminator with its optimiser
+    state, a feature bank), a dict keyed by the method's own names; checkpointed and restored
+    with the rest. Empty for the methods that keep none.
   """
   step: jax.Array
   params: Any
@@ -38,6 +41,7 @@ class TrainState(struct.PyTreeNode):
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   # The schedule inside `tx`, kept to log the rate the update used.
   learning_rate_fn: optax.Schedule = struct.field(pytree_node=False)
+  extras: Any = struct.field(default_factory=dict)
 
   def student_variables(self) -> dict:
     return {'params': self.params, 'batch_stats': self.batch_stats}
