@@ -31,7 +31,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     state: TrainState replicated on `mesh`.
     batch: {'labelled': {'image': float32 [B, H, W, 3], 'label': int32 [B, H, W]},
             'unlabelled': {'image': float32 [B, H, W, 3]}} as global arrays sharded on 'data'
-      (no 'unlabelled' for methods without UNLABELLED_BATCH; in partial-label mode
+      (no 'unlabelled' for methods without unlabelled images; in partial-label mode
       (config.partial != '') the unlabelled branch also carries the partial 'label' int32
       [B, H, W], 255 = void). Images are ImageNet-normalised.
     key: the run's base jax.random key, the same at every step; the step folds in state.step

@@ -154,12 +154,12 @@ def _eval_split(builder) -> str:
 def branch_batches(config) -> tuple[int, int]:
   """(labelled, unlabelled) global images per step of config.method.
 
-  Every method sees 2 x config.batch_size images per step: a method without an unlabelled
-  branch (supervised) reads them all labelled, as the reference's supervised runs do.
+  The method's BRANCHES in multiples of config.batch_size: a method without an unlabelled
+  branch (supervised) reads 2 x batch_size labelled images, as the reference's supervised
+  runs do.
   """
-  if methods.get(config.method).UNLABELLED_BATCH:
-    return config.batch_size, config.batch_size
-  return 2 * config.batch_size, 0
+  labelled, unlabelled = methods.get(config.method).BRANCHES
+  return labelled * config.batch_size, unlabelled * config.batch_size
 
 
 def _train_iterators(config, builder, start_batch: int):
@@ -357,8 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # The latest states, and the one with the best eval mIoU whatever its age.
   manager, best_manager = workdir_lib.checkpoint_managers(workdir, config.keep_checkpoints)
   total = config.num_train_steps
-  parts = (['sup_loss'] + ['unsup_loss'] * bool(branch_batches(config)[1])
-           + ['reco_loss'] * bool(config.reco))
+  parts = list(methods.get(config.method).LOSS_PARTS) + ['reco_loss'] * bool(config.reco)
   console = console_lib.Console(total, parts, enabled=jax.process_index() == 0)
   start = manager.latest_step() or 0
   if start:

@@ -3,7 +3,9 @@
 A method module defines
   train_step(state, batch, key, *, model_fn, mesh, config) -> (state, metrics): one pure step;
   eval_variables(state) -> {'params', 'batch_stats'}: the model that is evaluated and kept;
-  UNLABELLED_BATCH: whether its batches carry an 'unlabelled' branch.
+  BRANCHES: (labelled, unlabelled) images per step in multiples of config.batch_size; a
+    method with no unlabelled images gets no 'unlabelled' branch in its batches;
+  LOSS_PARTS: the loss terms its metrics carry, shown on the console (ReCo adds reco_loss).
 `steps.make_train_step` binds the keyword arguments and jits the step. Adding a method is
 adding its module and one entry below. This package imports no module of a method until one
 is asked for, so configs can read the names cheaply.

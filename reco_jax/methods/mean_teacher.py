@@ -32,7 +32,8 @@ from reco_jax.semi import augment
 from reco_jax.semi import mixing
 from reco_jax.semi import rescale
 
-UNLABELLED_BATCH = True
+BRANCHES = (1, 1)
+LOSS_PARTS = ('sup_loss', 'unsup_loss')
 
 
 def ema_decay(step: jax.Array, max_decay: float) -> jax.Array:

@@ -14,7 +14,9 @@ from reco_jax.losses import reco_recipe
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
 
-UNLABELLED_BATCH = False
+# 2 x batch_size labelled images, as the reference's supervised runs.
+BRANCHES = (2, 0)
+LOSS_PARTS = ('sup_loss',)
 
 
 def supervised_losses(out, labels: jax.Array, key: jax.Array, *, mesh: jax.sharding.Mesh,
