@@ -1,7 +1,8 @@
 """Cityscapes at half resolution (ReCo paper): `--config=configs/cityscapes.py:labels=50`.
 
 Arguments: labels=N (0 = all, default 50), partial=p0|p1|p5|p25, method=supervised|cutout|
-cutmix|classmix, reco=True|False, seed=S, backbone=deeplabv3p|deeplabv2, runlocal.
+cutmix|classmix|pseudo_label, reco=True|False, pretrain=none|within|cross, seed=S,
+backbone=deeplabv3p|deeplabv2, runlocal.
 """
 from configs import common
 

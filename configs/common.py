@@ -18,7 +18,7 @@ METHODS = methods.METHODS
 
 # Choices checked by `parse_arg` for the keys that take one of a few strings.
 CHOICES = {'method': METHODS, 'partial': names.PARTIALS, 'backbone': names.MODELS,
-           'split': tuple(names.LABELLED_POOLS)}
+           'split': tuple(names.LABELLED_POOLS), 'pretrain': names.PRETRAINS}
 
 _TRUE = ('true', 't', 'yes', 'y', '1')
 _FALSE = ('false', 'f', 'no', 'n', '0')
@@ -119,7 +119,7 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   """
   args, given = _parse(arg, dict(labels=default_labels, partial='', method='classmix',
                                  reco=True, seed=0, backbone='deeplabv3p', split='',
-                                 unlabelled_fraction=1.0, runlocal=False))
+                                 unlabelled_fraction=1.0, pretrain='none', runlocal=False))
   c = base_config()
   for key, value in dict(dataset).items():
     if isinstance(value, Mapping):  # Nested fields (model, optimizer) are updated, not replaced.
@@ -144,7 +144,11 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   c.split = args.split
   c.unlabelled_fraction = args.unlabelled_fraction
   c.method = args.method
+  c.pretrain = args.pretrain
   c.reco = args.reco
+  if 'reco' not in given and (args.pretrain != 'none' or args.method == 'pseudo_label'):
+    # Zhao et al.'s settings have no ReCo; reco=True adds it to the (fine-)tuning.
+    c.reco = False
   c.seed = args.seed
   c.model.name = args.backbone
   if args.runlocal:
@@ -172,3 +176,5 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.log_every_steps = 2
   c.eval_every_steps = 5
   c.checkpoint_every_steps = 5
+  c.pretrain_steps = 10
+  c.projection_dims = (16, 8)

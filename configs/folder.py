@@ -9,7 +9,7 @@ Everything else is the paper's VOC setting; override any field with --config.FIE
 (e.g. --config.crop_size='(257, 257)' --config.batch_size=4).
 
 Arguments: data=FOLDER (required; no commas in the path), labels=N (0 = all, default 50),
-partial=p0|p1|p5|p25, method=..., reco=True|False, seed=S, backbone=..., runlocal.
+partial=p0|p1|p5|p25, method=..., reco=True|False, pretrain=..., seed=S, backbone=..., runlocal.
 """
 import pathlib
 

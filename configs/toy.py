@@ -6,8 +6,8 @@ labelled images of `reco_toy` (generated on first use) for 1500 steps, and evalu
 200 validation images every 500 steps. What it takes and reaches: benchmarks/README.md.
 
 Arguments as the paper configs: labels=N (0 = all, default 50), partial=p0|p1|p5|p25,
-method=supervised|cutout|cutmix|classmix, reco=True|False, seed=S,
-backbone=deeplabv3p|deeplabv2, runlocal (a few steps on the 48-image 'reco_toy/tiny').
+method=supervised|cutout|cutmix|classmix|pseudo_label, reco=True|False, seed=S,
+backbone=deeplabv3p|deeplabv2, pretrain=none|within|cross, runlocal (a few steps on the 48-image 'reco_toy/tiny').
 """
 from configs import common
 
@@ -19,6 +19,9 @@ def get_config(arg=None):
            model=dict(backbone='resnet_tiny', rep_dim=32, aspp_dim=64, low_level_dim=32,
                       head_dim=64),
            optimizer=dict(learning_rate=0.05),
+           # pretrain=within|cross: 500 pretraining steps on the decoder's 16x16 map.
+           pretrain_steps=500, pretrain_optimizer=dict(learning_rate=0.05),
+           projection_dims=(64, 32), embedding_stride=4,
            num_queries=64, num_negatives=128, num_train_steps=1500, log_every_steps=50,
            eval_every_steps=500, checkpoint_every_steps=500),
       arg, default_labels=50)

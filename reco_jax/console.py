@@ -6,7 +6,8 @@ import os
 import sys
 from typing import TextIO
 
-_SHORT = {'sup_loss': 'sup', 'unsup_loss': 'unsup', 'reco_loss': 'reco'}
+_SHORT = {'sup_loss': 'sup', 'unsup_loss': 'unsup', 'reco_loss': 'reco',
+          'contrast_loss': 'contrast'}
 
 
 def duration(seconds: float) -> str:
@@ -56,6 +57,11 @@ class Console:
       self.best = (miou, step)
     self.say(f'{self._step(step)}  eval mIoU {miou:.4f}  '
              f'(best {self.best[0]:.4f} at step {self.best[1]})')
+
+  def probe(self, step: int, within: float, between: float) -> None:
+    """The embedding probe of a pretraining evaluation (mean pairwise cosine similarities)."""
+    self.say(f'{self._step(step)}  eval embedding cosine: within-class {within:.3f}, '
+             f'between-class {between:.3f} (gap {within - between:.3f})')
 
 
 def import_tensorflow(quiet: bool):

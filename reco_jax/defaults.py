@@ -50,6 +50,28 @@ def base_config() -> ml_collections.ConfigDict:
   # forward pass) so that only one pass's activations are held at a time; same gradients, less
   # memory with ReCo (see benchmarks/README.md).
   c.recompute_labelled = False
+  # Label-based contrastive pretraining (Zhao et al., ICCV 2021): 'within' or 'cross' runs a
+  # pretraining stage of pretrain_steps on the labelled images before training (workdir
+  # sub-folders pretrain/ and finetune/, see reco_jax/stages.py). The paper fixes the loss and
+  # its temperature; steps, optimiser, head widths and distortions are ours.
+  c.pretrain = 'none'
+  c.pretrain_steps = 5000
+  c.pretrain_optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
+      min_learning_rate=1e-6))
+  c.contrast_temperature = 0.07  # The paper's.
+  # Projection head 1x1 conv widths (the last one is the embedding), on the decoder output
+  # resized to ceil(crop / embedding_stride): the loss compares every pair of pixels of an
+  # image, so its memory grows with the fourth power of the embedding map's side.
+  c.projection_dims = (256, 128)
+  c.embedding_stride = 8
+  # The second view's colour distortion (SimCLR's, strength 0.5): factor ranges 1 +- s, hue
+  # shift +- hue, applied with jitter_prob; then grey with grey_prob.
+  c.distortion = ml_collections.ConfigDict(dict(
+      brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, jitter_prob=0.8, grey_prob=0.2))
+  # method=pseudo_label (Zhao et al., supplementary section 2): pixels of the first model's
+  # predictions on the unlabelled images whose confidence is below this become void.
+  c.pseudo_label_threshold = 0.0
   c.num_train_steps = 40000
   c.log_every_steps = 50
   c.eval_every_steps = 1000

@@ -12,6 +12,10 @@ PARTIAL_FRACTIONS = {'p0': 0.0, 'p1': 0.01, 'p5': 0.05, 'p25': 0.25}
 # config.partial: '' is full labels.
 PARTIALS = ('',) + tuple(PARTIAL_FRACTIONS)
 
+# config.pretrain: label-based contrastive pretraining before training (Zhao et al., ICCV
+# 2021) with the within-image or the cross-image loss, or none.
+PRETRAINS = ('none', 'within', 'cross')
+
 # Segmentation networks (config.model.name).
 MODELS = ('deeplabv3p', 'deeplabv2')
 

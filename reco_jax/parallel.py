@@ -79,3 +79,10 @@ def to_host(tree):
       return np.asarray(x.addressable_data(0))
     return np.asarray(x)
   return jax.tree.map(get, tree)
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to wait for on one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

@@ -30,12 +30,13 @@ from absl import logging
 from etils import epath
 
 from reco_jax import names
+from reco_jax import stages
 from reco_jax import workdir as workdir_lib
 
 MIOU_TAG = 'eval/miou'
-METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
-METHOD_NAMES = {'supervised': 'Supervised', 'cutout': 'CutOut', 'cutmix': 'CutMix',
-                'classmix': 'ClassMix'}
+METHODS = ('supervised', 'pseudo_label', 'cutout', 'cutmix', 'classmix')
+METHOD_NAMES = {'supervised': 'Supervised', 'pseudo_label': 'Pseudo-label', 'cutout': 'CutOut',
+                'cutmix': 'CutMix', 'classmix': 'ClassMix'}
 PARTIALS = names.PARTIALS[1:]  # Table 3's columns, in order
 # Table 3's column heads: labelled pixels per class and image.
 PARTIAL_NAMES = {'p0': '1 pixel', 'p1': '1%', 'p5': '5%', 'p25': '25%'}
@@ -60,6 +61,7 @@ class RunResult:
   last_step: int
   miou: dict[int, float]
   split: str = ''  # config.split: '' or 'pseudoseg' (Table 2)
+  pretrain: str = 'none'  # config.pretrain: contrastive pretraining (Zhao et al.)
 
   @property
   def finished(self) -> bool:
@@ -74,14 +76,17 @@ class RunResult:
     return self.miou[max(self.miou)] if self.miou else None
 
   @property
-  def row(self) -> tuple[int, bool]:
-    """Sort key and identity of the table row: (method order, ReCo)."""
+  def row(self) -> tuple[int, int, bool]:
+    """Sort key and identity of the table row: (method order, pretraining, ReCo)."""
     order = METHODS.index(self.method) if self.method in METHODS else len(METHODS)
-    return order, self.reco
+    pretrain = names.PRETRAINS.index(self.pretrain) if self.pretrain in names.PRETRAINS else 9
+    return order, pretrain, self.reco
 
   @property
   def row_name(self) -> str:
     name = METHOD_NAMES.get(self.method, self.method)
+    if self.pretrain != 'none':
+      name = f'{name}, {self.pretrain}-image pretraining'
     return f'ReCo + {name}' if self.reco else name
 
   @property
@@ -187,10 +192,14 @@ def find_runs(paths: Sequence[str]) -> list[epath.Path]:
 
 def _runs_below(root: epath.Path) -> list[epath.Path]:
   import tensorflow as tf  # gfile walks local and gs:// trees alike.
+  staged = []  # runs of several stages, whose sub-folders are their stages
   out = []
   for directory, _, files in tf.io.gfile.walk(str(root)):
-    if workdir_lib.CONFIG_FILE in files:
+    inside = any(directory.startswith(f'{run}/') for run in staged)  # a stage of a run
+    if workdir_lib.CONFIG_FILE in files and not inside:
       out.append(epath.Path(directory))
+      if stages.STAGES_FILE in files:
+        staged.append(directory.rstrip('/'))
   return sorted(out)
 
 
@@ -207,7 +216,8 @@ def load_result(workdir: str | epath.Path) -> RunResult:
   if missing:
     raise ValueError(f'{path} lacks {missing}; is it the config.json written by '
                      'reco_jax.train?')
-  scalars, last = read_scalars(workdir)
+  # A run of several stages is judged by its final model.
+  scalars, last = read_scalars(stages.final_stage_dir(workdir))
   dataset = str(config['dataset']).split('/')[0]
   return RunResult(
       workdir=str(workdir), dataset=dataset,
@@ -215,7 +225,8 @@ def load_result(workdir: str | epath.Path) -> RunResult:
       labels=int(config['labels']), partial=str(config['partial'] or ''),
       method=str(config['method']), reco=bool(config['reco']), seed=int(config['seed']),
       num_train_steps=int(config['num_train_steps']), last_step=last,
-      miou=scalars[MIOU_TAG], split=str(config.get('split', '') or ''))
+      miou=scalars[MIOU_TAG], split=str(config.get('split', '') or ''),
+      pretrain=str(config.get('pretrain', 'none')))
 
 
 @dataclasses.dataclass

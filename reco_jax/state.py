@@ -125,8 +125,25 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
     variables['batch_stats'] = {}
   init_weights = config.get('init_weights', '')
   if init_weights:
-    from reco_jax.models import convert  # torch/safetensors readers only when needed
-    variables = dict(convert.load_initial_weights(init_weights, variables))
+    variables = _load_initial_weights(init_weights, variables)
+  return create_train_state_from(config, model, variables, mesh=mesh)
+
+
+def _load_initial_weights(path: str, variables: dict) -> dict:
+  """config.init_weights into the variables; a pretraining network's go to its segmenter."""
+  from reco_jax.models import convert  # torch/safetensors readers only when needed
+  if 'segmenter' not in variables['params']:
+    return dict(convert.load_initial_weights(path, variables))
+  inner = {c: v['segmenter'] for c, v in variables.items() if 'segmenter' in v}
+  loaded = convert.load_initial_weights(path, inner)
+  return {c: {**v, 'segmenter': loaded[c]} if c in loaded else v for c, v in variables.items()}
+
+
+def create_train_state_from(config: ml_collections.ConfigDict, model: nn.Module,
+                            variables: dict, mesh: jax.sharding.Mesh | None = None
+                            ) -> TrainState:
+  """A step-0 state of the given {'params', 'batch_stats'}: a fresh optimiser of config and a
+  teacher that copies the student; every leaf replicated on `mesh` when given."""
   schedule = learning_rate_schedule(config)
   tx = make_optimizer(config, schedule)
   params, batch_stats = variables['params'], variables['batch_stats']

@@ -7,6 +7,7 @@ devices. Only ReCo samples per device (shard_map inside `reco_loss_per_device`).
 """
 from collections.abc import Callable
 import functools
+import types
 
 import flax.linen as nn
 import jax
@@ -24,8 +25,12 @@ _MAX_EXACT_PIXELS = 2**24
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
-                    mesh: jax.sharding.Mesh) -> Callable:
+                    mesh: jax.sharding.Mesh, method: types.ModuleType | None = None
+                    ) -> Callable:
   """The jitted training step of config.method (reco and partial variants included).
+
+  method: the method module whose train_step is used (default: config.method's; the
+  pretraining stage passes `methods.contrastive_pretraining`).
 
   Returns train_step(state, batch, key) -> (state, metrics), jitted with the state donated.
     state: TrainState replicated on `mesh`.
@@ -44,8 +49,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
   if config.partial not in names.PARTIALS:
     raise ValueError(f"config.partial must be '' or one of {names.PARTIALS[1:]}, got "
                      f'{config.partial!r}.')
-  step = functools.partial(methods.get(config.method).train_step, model_fn=model.apply,
-                           mesh=mesh, config=config)
+  method = method or methods.get(config.method)
+  step = functools.partial(method.train_step, model_fn=model.apply, mesh=mesh, config=config)
   replicated = parallel.replicated(mesh)
   return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
 

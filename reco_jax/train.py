@@ -32,11 +32,14 @@ from reco_jax import evaluation
 from reco_jax import methods
 from reco_jax import names
 from reco_jax import parallel
+from reco_jax import pseudo_labels
 from reco_jax import relations
+from reco_jax import stages
 from reco_jax import state as state_lib
 from reco_jax import steps
 from reco_jax import workdir as workdir_lib
 from reco_jax.data import base
+from reco_jax.methods import contrastive_pretraining
 
 _DEEPLABV3P_ONLY = ('output_stride', 'aspp_dim', 'low_level_dim', 'head_dim')
 
@@ -69,8 +72,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """
   schema = defaults.base_config()
   missing = [k for k in schema if k not in config]
-  missing += [f'optimizer.{k}' for k in schema.optimizer
-              if 'optimizer' in config and k not in config.optimizer]
+  for group in ('optimizer', 'pretrain_optimizer', 'distortion'):
+    missing += [f'{group}.{k}' for k in schema[group]
+                if group in config and k not in config[group]]
   if missing:
     raise ValueError(f'The config lacks the fields {missing}; start from a file in configs/ '
                      '(reco_jax/defaults.py lists every field with its default).')
@@ -105,9 +109,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('ema_decay', 'strong_threshold', 'weak_threshold'):
     if not 0.0 <= config[name] <= 1.0:
       raise ValueError(f'config.{name} must be in [0, 1], got {config[name]}.')
-  if config.optimizer.learning_rate <= 0:
-    raise ValueError(f'config.optimizer.learning_rate must be positive, got '
-                     f'{config.optimizer.learning_rate}.')
+  for group in ('optimizer', 'pretrain_optimizer'):
+    if config[group].learning_rate <= 0:
+      raise ValueError(f'config.{group}.learning_rate must be positive, got '
+                       f'{config[group].learning_rate}.')
+  _validate_pretraining(config)
   processes, devices = jax.process_count(), jax.device_count()
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % devices:
@@ -115,6 +121,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                        f'multiple of the {devices} devices ({processes} processes x '
                        f'{jax.local_device_count()} local devices). Set --config.{name} to a '
                        'multiple of it.')
+
+
+def _validate_pretraining(config) -> None:
+  """The pretraining and pseudo-label fields, and what they cannot be combined with."""
+  if config.pretrain not in names.PRETRAINS:
+    raise ValueError(f'config.pretrain={config.pretrain!r}: expected one of {names.PRETRAINS}.')
+  pretraining = config.pretrain != 'none'
+  if pretraining or config.method == 'pseudo_label':
+    what = (f'pretrain={config.pretrain}' if pretraining else 'method=pseudo_label')
+    if config.partial:
+      raise ValueError(f'{what} needs dense labels; partial={config.partial} labels a few '
+                       'pixels per image. Drop one of them.')
+  if config.method == 'pseudo_label' and config.labels == 0:
+    raise ValueError('method=pseudo_label labels the unlabelled images, and labels=0 leaves '
+                     'none; choose labels=N (the labelled images).')
+  if not pretraining:
+    return
+  for name in ('pretrain_steps', 'embedding_stride', 'contrast_temperature'):
+    value = config[name]
+    if isinstance(value, bool) or value <= 0:
+      raise ValueError(f'config.{name} must be positive, got {value!r}.')
+  dims = tuple(config.projection_dims)
+  if not dims or any(int(d) != d or d <= 0 for d in dims):
+    raise ValueError(f'config.projection_dims must be positive widths, the last one the '
+                     f'embedding, got {dims}.')
+  for name in ('jitter_prob', 'grey_prob'):
+    if not 0.0 <= config.distortion[name] <= 1.0:
+      raise ValueError(f'config.distortion.{name} must be in [0, 1], got '
+                       f'{config.distortion[name]}.')
+  if not 0.0 <= config.distortion.hue <= 0.5:
+    raise ValueError(f'config.distortion.hue must be in [0, 0.5], got {config.distortion.hue}.')
+  if not 0.0 <= config.pseudo_label_threshold < 1.0:
+    raise ValueError(f'config.pseudo_label_threshold must be in [0, 1), got '
+                     f'{config.pseudo_label_threshold}.')
 
 
 # --------------------------------------------------------------------------- data
@@ -158,14 +198,21 @@ def branch_batches(config) -> tuple[int, int]:
   branch (supervised) reads 2 x batch_size labelled images, as the reference's supervised
   runs do.
   """
-  labelled, unlabelled = methods.get(config.method).BRANCHES
+  return _branch_sizes(config, methods.get(config.method).BRANCHES)
+
+
+def _branch_sizes(config, branches) -> tuple[int, int]:
+  labelled, unlabelled = branches
   return labelled * config.batch_size, unlabelled * config.batch_size
 
 
-def _train_iterators(config, builder, start_batch: int):
-  """(labelled, unlabelled or None, labelled ids) for this process, after `start_batch`."""
+def _train_iterators(config, builder, start_batch: int, *, branches, pseudo=None):
+  """(labelled, unlabelled or None, labelled ids) for this process, after `start_batch`.
+
+  branches: the method's BRANCHES; pseudo: {image id: PNG label} joining the labelled stream.
+  """
   from reco_jax.data import pipeline  # TF pulled in only by the data path.
-  labelled_batch, unlabelled_batch = branch_batches(config)
+  labelled_batch, unlabelled_batch = _branch_sizes(config, branches)
   kwargs = dict(
       num_labels=config.labels,
       min_classes=config.min_classes,
@@ -180,7 +227,8 @@ def _train_iterators(config, builder, start_batch: int):
       process_count=jax.process_count(),
       start_batch=start_batch,
       labelled_pool=_labelled_pool(config.split),
-      unlabelled_fraction=float(config.unlabelled_fraction))
+      unlabelled_fraction=float(config.unlabelled_fraction),
+      pseudo_labels=pseudo)
   return pipeline.train_iterators(builder, **kwargs)
 
 
@@ -237,13 +285,20 @@ def _write_run_files(config, workdir: epath.Path, labelled_ids) -> None:
   """Resolved config and labelled image ids, written once by process 0."""
   if jax.process_index() != 0:
     return
-  path = workdir / 'config.json'
+  _write_config(config, workdir)
+  (workdir / 'labelled_ids.txt').write_text(''.join(f'{i}\n' for i in labelled_ids))
+
+
+def _write_config(config, workdir: epath.Path) -> None:
+  """workdir/config.json (process 0), with a warning when it replaces a different one."""
+  if jax.process_index() != 0:
+    return
+  path = workdir / workdir_lib.CONFIG_FILE
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   if path.exists() and path.read_text() != text:
     logging.warning('%s differs from the config of this run; it is overwritten (resuming '
                     'with a changed config continues from the existing checkpoints).', path)
   path.write_text(text)
-  (workdir / 'labelled_ids.txt').write_text(''.join(f'{i}\n' for i in labelled_ids))
 
 
 def _diverged(step, what, last_saved, checkpoint_dir):
@@ -303,11 +358,12 @@ def _relation_image(config, model, mesh, stats_step, variables, eval_batches, cl
   return relations.relation_image(means['R'], class_names, f'representation R, step {step}')
 
 
-def build_model(config):
+def build_model(config, *, features_only: bool = False):
   """The linen model of config.model: `name` selects the architecture, other keys go to it.
 
   DeepLabV2 (output stride 8, no ASPP or decoder) does not take the DeepLabV3+ width and
   stride keys; they are dropped for it so one config serves both backbones.
+  features_only: the network up to its last feature map before the classifier (pretraining).
   """
   from reco_jax.models import deeplab
   kwargs = dict(config.model.to_dict())
@@ -316,6 +372,8 @@ def build_model(config):
     for key in _DEEPLABV3P_ONLY:
       kwargs.pop(key, None)
   kwargs['dtype'] = jnp.dtype(kwargs.get('dtype', 'float32'))
+  if features_only:
+    kwargs['features_only'] = True
   try:
     return deeplab.build_model(name, num_classes=config.num_classes, **kwargs)
   except TypeError as e:
@@ -323,17 +381,52 @@ def build_model(config):
                      f'fields are those of deeplab.{deeplab.MODELS[name].__name__}.') from e
 
 
+def stage_model(stage: stages.Stage):
+  """(model, method module) of a training or pretraining stage."""
+  if stage.kind == stages.PRETRAIN:
+    segmenter = build_model(stage.config, features_only=True)
+    return (contrastive_pretraining.build_network(stage.config, segmenter),
+            contrastive_pretraining)
+  return build_model(stage.config), methods.get(stage.config.method)
+
+
+def initial_state(stage: stages.Stage, run_dir: epath.Path, model, mesh) -> state_lib.TrainState:
+  """The state a stage starts from: initialised from the config seed, and for a fine-tuning
+  stage with the backbone and decoder of its pretraining stage's final checkpoint (the
+  classifier and representation heads stay freshly initialised, the projection head is
+  dropped, the optimiser starts afresh)."""
+  config = stage.config
+  init_key, _ = jax.random.split(jax.random.key(config.seed))
+  state = state_lib.create_train_state(config, model, init_key,
+                                       (*tuple(config.crop_size), 3), mesh=mesh)
+  if stage.init_from is None:
+    return state
+  source = stages.Stage(stage.init_from, stages.PRETRAIN,
+                        stages.pretraining_config(config))
+  network, _ = stage_model(source)
+  directory = run_dir / stage.init_from / workdir_lib.CHECKPOINTS
+  step = int(source.config.num_train_steps)
+  pretrained = workdir_lib.restore_state(source.config, network, directory, step, mesh=mesh)
+  variables = contrastive_pretraining.finetune_variables(
+      parallel.to_host(pretrained.student_variables()),
+      parallel.to_host(state.student_variables()))
+  return state_lib.create_train_state_from(config, model, variables, mesh=mesh)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> state_lib.TrainState:
-  """Trains and periodically evaluates a model; resumes from workdir/checkpoints if present.
+  """Runs every stage of a run (`reco_jax.stages`), resuming where a killed run stopped.
+
+  A run without pretraining (and not method=pseudo_label) is one stage that trains and
+  periodically evaluates a model in `workdir` itself.
 
   Args:
-    config: a config from configs/ (fields as in configs/common.py).
+    config: a config from configs/ (fields as in reco_jax/defaults.py).
     workdir: local or gs:// directory for checkpoints, TensorBoard events, config.json and
-      labelled_ids.txt.
+      labelled_ids.txt (in a sub-folder per stage when there are several).
 
   Returns:
-    The final TrainState (replicated on the device mesh).
+    The final TrainState of the last stage (replicated on the device mesh).
 
   Raises:
     ValueError: an invalid config.
@@ -345,22 +438,142 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
   builder = _prepare_dataset(config)
-  class_names = base.class_names(builder)
   mesh = parallel.make_mesh()
-  model = build_model(config)
+  plan = stages.plan(config)
+  console = console_lib.Console(1, enabled=jax.process_index() == 0)
+  if len(plan) > 1 and jax.process_index() == 0:
+    _write_config(config, workdir)
+    stages.write_index(config, workdir)
+  state = None
+  for number, stage in enumerate(plan, start=1):
+    where = workdir / stage.folder if stage.folder else workdir
+    if len(plan) > 1:
+      console.say(f'Stage {number}/{len(plan)}: {_describe(stage)} in {where}.')
+    if stage.kind == stages.PSEUDO_LABELS:
+      _write_pseudo_labels(stage, workdir, where, builder, mesh, console)
+    else:
+      state = _train_stage(stage, workdir, where, builder, mesh)
+  return state
 
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state = state_lib.create_train_state(config, model, init_key,
-                                       (*tuple(config.crop_size), 3), mesh=mesh)
+
+def _describe(stage: stages.Stage) -> str:
+  c = stage.config
+  if stage.kind == stages.PRETRAIN:
+    return f'{c.pretrain}-image contrastive pretraining, {c.num_train_steps} steps,'
+  if stage.kind == stages.PSEUDO_LABELS:
+    return f'pseudo-labels of the unlabelled images from {stage.pseudo_labels},'
+  extra = ' on labelled + pseudo-labelled images' if stage.pseudo_labels else ''
+  start = ' from the pretrained network' if stage.init_from else ''
+  return f'{c.method}{" + ReCo" * bool(c.reco)}{extra}{start}, {c.num_train_steps} steps,'
+
+
+def _write_pseudo_labels(stage, run_dir, where, builder, mesh, console) -> None:
+  """The PSEUDO_LABELS stage: stage 0's final model labels the unlabelled train images."""
+  from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if pseudo_labels.is_complete(where):
+    console.say(f'The pseudo-labels in {where} are complete; nothing to do.')
+    return
+  config = stage.config
+  source = stages.Stage(stage.pseudo_labels, stages.TRAIN, config)
+  model, _ = stage_model(source)
+  directory = run_dir / stage.pseudo_labels / workdir_lib.CHECKPOINTS
+  step = int(config.num_train_steps)
+  state = workdir_lib.restore_state(config, model, directory, step, mesh=mesh)
+  ids, _ = pipeline.train_ids_and_classes(builder)
+  labelled = _labelled_ids(config, builder)
+  u_ids, keep, _ = pipeline.unlabelled_selection(ids, labelled, config.unlabelled_fraction,
+                                                 config.seed)
+  chosen = set(u_ids)
+  targets = [i for i in ids if (i in chosen) == keep]
+  start = time.time()
+  pseudo_labels.write(where, config, model, steps.eval_variables(config, state), builder,
+                      targets, source=f'{directory}/{step}')
+  console.say(f'Wrote the pseudo-labels of {len(targets)} images to {where} in '
+              f'{console_lib.duration(time.time() - start)}.')
+
+
+def _labelled_ids(config, builder) -> list[str]:
+  """The labelled subset of config, as the input pipeline draws it."""
+  from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ids, classes = pipeline.train_ids_and_classes(builder)
+  return pipeline.labelled_subset(ids, classes, config.labels, min_classes=config.min_classes,
+                                  num_classes=config.num_classes, seed=config.seed,
+                                  labelled_pool=_labelled_pool(config.split))
+
+
+class _SegmentationEval:
+  """Evaluation of a segmentation stage: mIoU, per-class IoU, example panels, relations."""
+
+  def __init__(self, config, model, mesh, builder, class_names):
+    self.config, self.model, self.mesh, self.class_names = config, model, mesh, class_names
+    self.eval_step = steps.make_eval_step(config, model, mesh)
+    self.query_fn = relations.make_query_maps_fn(model)
+    if config.reco:  # The class relation graph (ReCo paper Fig. 8) at each evaluation.
+      self.stats_step = relations.make_class_stats_step(config, model, mesh, embeddings=('R',))
+
+  def __call__(self, state, eval_batches, writer, console, done) -> float:
+    config = self.config
+    variables = steps.eval_variables(config, state)
+    confusion, first = evaluate(self.eval_step, variables, eval_batches, self.mesh,
+                                config.num_classes)
+    miou = evaluation.mean_iou(confusion)
+    iou = evaluation.iou_from_confusion(confusion)
+    scalars = {'eval/miou': miou, 'eval/pixel_accuracy': evaluation.pixel_accuracy(confusion)}
+    scalars.update({f'eval/iou/{name}': float(v) for name, v in zip(self.class_names, iou)})
+    writer.write_scalars(done, scalars)
+    if first is not None and config.num_image_summaries:
+      # image | ground truth | prediction | easy and hard queries (ReCo paper Fig. 2).
+      writer.write_images(done, {'eval/examples': relations.query_panel_images(
+          config, variables, first, self.query_fn)})
+    if config.reco:
+      writer.write_images(done, {'eval/relations_R': _relation_image(
+          config, self.model, self.mesh, self.stats_step, variables, eval_batches,
+          self.class_names, done)})
+    console.evaluation(done, miou)
+    return miou
+
+
+class _ProbeEval:
+  """Evaluation of a pretraining stage: the embedding probe on the validation pixels."""
+
+  def __init__(self, config, model, mesh):
+    self.config, self.mesh = config, mesh
+    network = model.clone(embedding_size=None)  # Any evaluation size; same parameters.
+    self.probe_step = contrastive_pretraining.make_probe_step(config, network, mesh)
+
+  def __call__(self, state, eval_batches, writer, console, done) -> None:
+    totals = contrastive_pretraining.probe_totals(self.config, self.mesh)
+    variables = state.student_variables()
+    for local in eval_batches:
+      totals = self.probe_step(variables, parallel.shard_batch(self.mesh, local), totals)
+    sums, counts = parallel.to_host(totals)
+    probe = contrastive_pretraining.embedding_probe(sums, counts)
+    writer.write_scalars(done, {f'eval/{k}': v for k, v in probe.items()})
+    console.probe(done, probe['within_class_cosine'], probe['between_class_cosine'])
+
+
+def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, builder,
+                 mesh) -> state_lib.TrainState:
+  """Trains (or pretrains) one stage in `workdir`; resumes from workdir/checkpoints."""
+  config = stage.config
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  class_names = base.class_names(builder)
+  model, method = stage_model(stage)
+  _, train_key = jax.random.split(jax.random.key(config.seed))
+  pretraining = stage.kind == stages.PRETRAIN
 
   checkpoint_dir = workdir / workdir_lib.CHECKPOINTS
   # The latest states, and the one with the best eval mIoU whatever its age.
   manager, best_manager = workdir_lib.checkpoint_managers(workdir, config.keep_checkpoints)
   total = config.num_train_steps
-  parts = list(methods.get(config.method).LOSS_PARTS) + ['reco_loss'] * bool(config.reco)
+  parts = list(method.LOSS_PARTS) + ['reco_loss'] * bool(config.reco and not pretraining)
   console = console_lib.Console(total, parts, enabled=jax.process_index() == 0)
   start = manager.latest_step() or 0
   if start:
+    init_key, _ = jax.random.split(jax.random.key(config.seed))
+    state = state_lib.create_train_state(config, model, init_key,
+                                         (*tuple(config.crop_size), 3), mesh=mesh)
     state = manager.restore(start, args=ocp.args.StandardRestore(workdir_lib.abstract(state)))
     if int(parallel.to_host(state.step)) != start:
       raise ValueError(f'Checkpoint {start} in {checkpoint_dir} holds step '
@@ -374,16 +587,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       best_manager.close()
       return state
     console.say(f'Resuming from the checkpoint of step {start} in {checkpoint_dir}.')
+  else:
+    state = initial_state(stage, run_dir, model, mesh)
 
-  labelled, unlabelled, labelled_ids = _train_iterators(config, builder, start)
+  pseudo = pseudo_labels.read(run_dir / stage.pseudo_labels) if stage.pseudo_labels else None
+  labelled, unlabelled, labelled_ids = _train_iterators(
+      config, builder, start, branches=method.BRANCHES, pseudo=pseudo)
   _write_run_files(config, workdir, labelled_ids)
   eval_batches = _eval_iterator(config, builder)
 
-  train_step = steps.make_train_step(config, model, mesh)
-  eval_step = steps.make_eval_step(config, model, mesh)
-  query_fn = relations.make_query_maps_fn(model)
-  if config.reco:  # The class relation graph (ReCo paper Fig. 8) at each evaluation.
-    stats_step = relations.make_class_stats_step(config, model, mesh, embeddings=('R',))
+  train_step = steps.make_train_step(config, model, mesh, method=method)
+  evaluate_fn = (_ProbeEval(config, model, mesh) if pretraining else
+                 _SegmentationEval(config, model, mesh, builder, class_names))
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
@@ -391,7 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write_hparams(_flatten(config.to_dict()))
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            writer=writer)
-  images_per_step = sum(branch_batches(config))
+  images_per_step = sum(_branch_sizes(config, method.BRANCHES))
   batches = _global_batches(mesh, labelled, unlabelled)
 
   last_saved = start
@@ -433,28 +648,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         window, window_start = [], time.time()
       if evaluate_now:
         with report.timed('eval'):
-          variables = steps.eval_variables(config, state)
-          confusion, first = evaluate(eval_step, variables, eval_batches, mesh,
-                                      config.num_classes)
-          miou = evaluation.mean_iou(confusion)
-          iou = evaluation.iou_from_confusion(confusion)
-          scalars = {'eval/miou': miou,
-                     'eval/pixel_accuracy': evaluation.pixel_accuracy(confusion)}
-          scalars.update({f'eval/iou/{name}': float(v) for name, v in zip(class_names, iou)})
-          writer.write_scalars(done, scalars)
-          if first is not None and config.num_image_summaries:
-            # image | ground truth | prediction | easy and hard queries (ReCo paper Fig. 2).
-            writer.write_images(done, {'eval/examples': relations.query_panel_images(
-                config, variables, first, query_fn)})
-          if config.reco:
-            writer.write_images(done, {'eval/relations_R': _relation_image(
-                config, model, mesh, stats_step, variables, eval_batches, class_names, done)})
+          miou = evaluate_fn(state, eval_batches, writer, console, done)
           # A run stopped between this save and the regular checkpoint below repeats this
           # evaluation when resumed; the state is the same, so the saved one stands.
-          if done not in best_manager.all_steps():
-            best_manager.save(done, args=ocp.args.StandardSave(state),
-                              metrics={workdir_lib.BEST_METRIC: miou if math.isfinite(miou) else -1.0})
-          console.evaluation(done, miou)
+          if miou is not None and done not in best_manager.all_steps():
+            best_manager.save(done, args=ocp.args.StandardSave(state), metrics={
+                workdir_lib.BEST_METRIC: miou if math.isfinite(miou) else -1.0})
       if save:
         manager.save(done, args=ocp.args.StandardSave(state))
         last_saved = done

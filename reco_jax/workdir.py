@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from reco_jax import stages
 from reco_jax import state as state_lib
 
 CONFIG_FILE = 'config.json'
@@ -198,7 +199,7 @@ def load_run(workdir: str | epath.Path, checkpoint: str | int = 'best',
   the dataset moved); unknown fields are an error.
   """
   from reco_jax import train  # The model builder is the trainer's.
-  workdir = epath.Path(workdir)
+  workdir = stages.final_stage_dir(workdir)  # A run of several stages: its final model.
   config = read_config(workdir)
   for key, value in (overrides or {}).items():
     if key not in config:

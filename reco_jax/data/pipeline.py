@@ -11,7 +11,7 @@ Randomness: shuffling uses explicit seeds, and every augmentation draws from sta
 seeded by (run seed, process, stream, position of the example in this process's stream), so a
 seed reproduces the same batches whatever the threading.
 """
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 import hashlib
 
 import numpy as np
@@ -256,6 +256,52 @@ def _partial_fn(mode: str, seed: int):
   return apply
 
 
+def labelled_subset(ids: Sequence[str], classes: Sequence[np.ndarray], num_labels: int, *,
+                    min_classes: int, num_classes: int, seed: int,
+                    labelled_pool: Sequence[str] | None = None) -> list[str]:
+  """The labelled image ids (`splits.select_labelled`), drawn from `labelled_pool` if given."""
+  pool_ids, pool_classes = list(ids), list(classes)
+  if labelled_pool is not None:
+    pool = set(labelled_pool)
+    pool_ids = [i for i in ids if i in pool]
+    pool_classes = [c for i, c in zip(ids, classes) if i in pool]
+    if num_labels > len(pool_ids) or not pool_ids:
+      raise ValueError(f'{num_labels} labelled images requested from a pool of '
+                       f'{len(pool_ids)} train images ({len(pool)} listed); lower num_labels.')
+  return splits.select_labelled(pool_ids, pool_classes, num_labels, min_classes=min_classes,
+                                num_classes=num_classes, seed=seed)
+
+
+def _pseudo_label_fn(pseudo_labels: Mapping[str, bytes]):
+  """(image id, label) -> the pseudo-label of that image if it has one, else the label."""
+  keys = sorted(pseudo_labels)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(keys),
+                                          tf.constant([pseudo_labels[k] for k in keys])),
+      default_value='')
+
+  def apply(image_id, label):
+    png = table.lookup(image_id)
+    out = tf.cond(tf.strings.length(png) > 0,
+                  lambda: tf.io.decode_png(png, channels=1, dtype=tf.uint8), lambda: label)
+    out.set_shape([None, None, 1])
+    return out
+  return apply
+
+
+def decoded_images(builder: tfds.core.DatasetBuilder, ids: Sequence[str], *,
+                   split: str = 'train', process_index: int = 0,
+                   process_count: int = 1) -> Iterator[tuple[str, np.ndarray]]:
+  """(image id, uint8 [h, w, 3]) of the examples of `split` whose id is in `ids`, in storage
+  order; this process gets every process_count-th of them."""
+  image_feature = builder.info.features['image']
+  ds = _read(builder, split).filter(_id_filter(ids, True)).shard(process_count, process_index)
+  ds = ds.map(lambda ex: (ex['image_id'], image_feature.decode_example(ex['image'])),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  for image_id, image in tfds.as_numpy(_options(ds.prefetch(2))):
+    yield image_id.decode(), image
+
+
 def _check_batch(name: str, batch: int, process_count: int) -> int:
   if batch < 0 or batch % process_count:
     raise ValueError(f'{name}={batch} must be a non-negative multiple of the process count '
@@ -294,6 +340,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
                     process_count: int = 1, start_batch: int = 0,
                     labelled_pool: Sequence[str] | None = None,
                     unlabelled_fraction: float = 1.0,
+                    pseudo_labels: Mapping[str, bytes] | None = None,
                     ) -> tuple[Iterator[dict], Iterator[dict] | None, list[str]]:
   """Infinite iterators of this process's training batches.
 
@@ -328,6 +375,9 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
       train image. The unlabelled images are still all the others.
     unlabelled_fraction: in (0, 1]: a seeded subset of this fraction of the unlabelled images
       is used (ReCo paper Fig. 7c).
+    pseudo_labels: {image id: PNG-encoded uint8 label} of train images that join the labelled
+      stream with these labels (a model's predictions: method=pseudo_label); their ids must
+      not be among the labelled ones. The unlabelled stream is unchanged.
 
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
@@ -356,29 +406,34 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
     raise ValueError(f'unlabelled_fraction must be in (0, 1], got {unlabelled_fraction}.')
 
   ids, classes = train_ids_and_classes(builder)
-  pool_ids, pool_classes = ids, classes
-  if labelled_pool is not None:
-    pool = set(labelled_pool)
-    pool_ids = [i for i in ids if i in pool]
-    pool_classes = [c for i, c in zip(ids, classes) if i in pool]
-    if num_labels > len(pool_ids) or not pool_ids:
-      raise ValueError(f'{num_labels} labelled images requested from a pool of '
-                       f'{len(pool_ids)} train images ({len(pool)} listed); lower num_labels.')
-  labelled_ids = splits.select_labelled(pool_ids, pool_classes, num_labels,
-                                        min_classes=min_classes, num_classes=num_classes,
-                                        seed=seed)
-  all_labelled = len(labelled_ids) == len(ids)
+  labelled_ids = labelled_subset(ids, classes, num_labels, min_classes=min_classes,
+                                 num_classes=num_classes, seed=seed,
+                                 labelled_pool=labelled_pool)
+  stream_ids = list(labelled_ids)
+  if pseudo_labels:
+    if partial:
+      raise ValueError('pseudo_labels and partial labels cannot be combined.')
+    clash = sorted(set(pseudo_labels) & set(labelled_ids))
+    unknown = sorted(set(pseudo_labels) - set(ids))
+    if clash or unknown:
+      raise ValueError(f'pseudo_labels must label train images outside the labelled subset; '
+                       f'labelled: {clash[:5]}, not in the train split: {unknown[:5]}.')
+    stream_ids += sorted(pseudo_labels)
+    pseudo_fn = _pseudo_label_fn(pseudo_labels)
+  all_labelled = len(stream_ids) == len(ids)
   partial_fn = _partial_fn(partial, seed) if partial else None
   common = dict(process_index=process_index, process_count=process_count)
 
   # A strict subset is small next to the split: cache its encoded bytes rather than scanning
   # the whole split every epoch.
   l_seed = derive_seed(seed, 'labelled', process_index)
-  labelled = _stream(builder, 'train', labelled_ids, keep=True, num_examples=len(labelled_ids),
+  labelled = _stream(builder, 'train', stream_ids, keep=True, num_examples=len(stream_ids),
                      cache=not all_labelled, seed=l_seed, **common).skip(start_batch * local_l)
 
   def labelled_map(position, ex):
     image, label = _decode(builder, ex)
+    if pseudo_labels:
+      label = pseudo_fn(ex['image_id'], label)
     if partial_fn:
       label = partial_fn(label, ex['image_id'])
     image, label = augment_labelled(image, label, _example_seed(l_seed, position),

@@ -20,6 +20,8 @@ _REGISTRY = {
     'cutout': 'mean_teacher',
     'cutmix': 'mean_teacher',
     'classmix': 'mean_teacher',
+    # Zhao et al.'s semi-supervised setting: its stages (reco_jax.stages) train supervised.
+    'pseudo_label': 'supervised',
 }
 METHODS = tuple(_REGISTRY)
 

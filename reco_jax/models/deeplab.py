@@ -62,6 +62,8 @@ class DeepLabV3Plus(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     aspp_dim, low_level_dim, head_dim: widths of ASPP, the layer1 projection and the
       hidden layer of both heads (the paper's 256, 48, 256 by default).
+    features_only: return the decoder output (the input of both heads, float32
+      [B, h, w, low_level_dim + aspp_dim]) instead; the heads then have no parameters.
   """
   num_classes: int
   backbone: 'str | resnet.ResNetSpec' = 'resnet101'
@@ -71,6 +73,7 @@ class DeepLabV3Plus(nn.Module):
   aspp_dim: int = 256
   low_level_dim: int = 48
   head_dim: int = 256
+  features_only: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -93,6 +96,8 @@ class DeepLabV3Plus(nn.Module):
     low = nn.relu(bn(name='project_bn')(low))
     high = resize.bilinear_align_corners(high, low.shape[1:3])
     x = jnp.concatenate([low, high], axis=-1)
+    if self.features_only:
+      return x.astype(jnp.float32)
 
     def head(out_dim: int, prefix: str) -> jax.Array:
       y = _head_conv(self.head_dim, 3, x.shape[-1], dtype=self.dtype, name=f'{prefix}_conv')(x)
@@ -112,17 +117,22 @@ class DeepLabV2(nn.Module):
     backbone: 'resnet50' | 'resnet101' | 'resnet_tiny' (or a resnet.ResNetSpec).
     rep_dim: channels of the ReCo representation (one 1x1 conv on layer4).
     dtype: compute dtype; parameters stay float32.
+    features_only: return layer4 (the input of the classifier's dilated convs, float32
+      [B, h, w, 2048 for ResNet-50/101]) instead; the heads then have no parameters.
   """
   num_classes: int
   backbone: 'str | resnet.ResNetSpec' = 'resnet101'
   rep_dim: int = 256
   dtype: Any = jnp.float32
+  features_only: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """images: [B, H, W, 3] -> (logits [B,h,w,num_classes], rep [B,h,w,rep_dim]), h = H/8."""
     _check_images(images)
     x = resnet.ResNet(self.backbone, 8, self.dtype, name='backbone')(images, train)['layer4']
+    if self.features_only:
+      return x.astype(jnp.float32)
     cin = x.shape[-1]
     logits = None
     for i, rate in enumerate((6, 12, 18, 24)):

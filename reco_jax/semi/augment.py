@@ -26,7 +26,8 @@ from reco_jax import photometric as P
 _KERNEL_SIZE = 2 * P.BLUR_RADIUS + 1
 
 
-def _grey(image):
+def grey(image):
+  """PIL's convert('L') grey level of [..., 3] in [0, 1]: [..., 1]."""
   r, g, b = P.GREY_WEIGHTS
   return (r * image[..., 0] + g * image[..., 1] + b * image[..., 2])[..., None]
 
@@ -45,7 +46,7 @@ def adjust_contrast(image, factor):
 
   (dm-pix and TF use per-channel means instead.) image [H, W, 3] in [0, 1].
   """
-  mean = jnp.mean(_grey(image))
+  mean = jnp.mean(grey(image))
   return _blend(image, mean, factor)
 
 
@@ -54,7 +55,7 @@ def adjust_saturation(image, factor):
 
   (dm-pix and TF scale the HSV saturation instead.) image [H, W, 3] in [0, 1].
   """
-  return _blend(image, _grey(image), factor)
+  return _blend(image, grey(image), factor)
 
 
 def adjust_hue(image, hue_shift):

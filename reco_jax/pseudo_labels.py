@@ -1,0 +1,146 @@
+"""A model's predictions on the unlabelled training images, stored as a dataset of labels.
+
+method=pseudo_label (Zhao et al., supplementary section 2) trains a first model on the
+labelled images, labels every unlabelled training image with it, and trains the final model on
+labelled + pseudo-labelled images. The labels are predicted at the full image resolution (the
+image padded like an evaluation image, `predict.predict_images`' buckets), argmax, with the
+pixels whose softmax confidence is below config.pseudo_label_threshold set to void. They are
+written once into a folder as TFRecord shards of {image_id, PNG label} (one per process) and a
+manifest, which is written last: a folder without its manifest is incomplete, is never read,
+and is written again from the start.
+"""
+import json
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from reco_jax import inference
+from reco_jax import names
+from reco_jax import parallel
+from reco_jax.methods import common
+
+MANIFEST = 'manifest.json'
+
+
+def is_complete(folder: str | epath.Path) -> bool:
+  return (epath.Path(folder) / MANIFEST).exists()
+
+
+def _shard_name(index: int, count: int) -> str:
+  return f'labels-{index:05d}-of-{count:05d}.tfrecord'
+
+
+def make_label_fn(model, threshold: float):
+  """Jitted label_fn(variables, images [B, H, W, 3]) -> uint8 [B, H, W] (255 = below threshold)."""
+  def label_fn(variables, images):
+    logits, _ = model.apply(variables, images, train=False)
+    prob = jax.nn.softmax(common.upsample(logits, images.shape[1:3]), axis=-1)
+    classes = jnp.argmax(prob, axis=-1)
+    confident = jnp.max(prob, axis=-1) >= threshold
+    return jnp.where(confident, classes, names.VOID).astype(jnp.uint8)
+  return jax.jit(label_fn)
+
+
+def predict_labels(model, variables, images, *, eval_size, batch_size: int,
+                   threshold: float) -> list[np.ndarray]:
+  """uint8 [h, w] pseudo-labels of uint8 [h, w, 3] images (variables on one device).
+
+  Images are padded to `inference.bucket_size(size, eval_size)` and run in batches of
+  `batch_size` (the last one zero-padded), so there are few compiled shapes.
+  """
+  label_fn = make_label_fn(model, float(threshold))
+  out = [None] * len(images)
+  buckets = {}
+  for i, image in enumerate(images):
+    buckets.setdefault(inference.bucket_size(image.shape[:2], eval_size), []).append(i)
+  for size, indices in buckets.items():
+    for start in range(0, len(indices), batch_size):
+      chunk = indices[start:start + batch_size]
+      batch = np.zeros((batch_size, *size, 3), np.float32)
+      for row, i in enumerate(chunk):
+        batch[row] = inference.preprocess(images[i], size)
+      labels = np.asarray(jax.device_get(label_fn(variables, batch)))
+      for row, i in enumerate(chunk):
+        h, w = images[i].shape[:2]
+        out[i] = labels[row, :h, :w]
+  return out
+
+
+def write(folder: str | epath.Path, config: ml_collections.ConfigDict, model, variables,
+          builder, ids, *, source: str, chunk: int = 64) -> int:
+  """Labels the train images `ids` with the model and writes the dataset into `folder`.
+
+  Every process labels its share of `ids` (`pipeline.decoded_images`) on its first local
+  device and writes one shard; process 0 writes the manifest once every shard is written. An incomplete
+  folder left by a killed run is removed first. Returns the number of images this process
+  labelled. source: the checkpoint the model came from (recorded in the manifest).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(folder)
+  index, count = jax.process_index(), jax.process_count()
+  if index == 0:
+    if folder.exists():
+      folder.rmtree()
+    folder.mkdir(parents=True)
+  parallel.sync('pseudo_labels_folder')
+  batch = max(1, int(config.eval_batch_size) // count)
+  # Each process labels its own images alone: the model goes to its first local device.
+  variables = jax.device_put(parallel.to_host(variables), jax.local_devices()[0])
+  done = 0
+  with tf.io.TFRecordWriter(str(folder / _shard_name(index, count))) as writer:
+    stream = pipeline.decoded_images(builder, ids, process_index=index, process_count=count)
+    pending = []
+    for item in [*stream, None]:
+      if item is not None:
+        pending.append(item)
+      if pending and (item is None or len(pending) == chunk):
+        labels = predict_labels(model, variables, [image for _, image in pending],
+                                eval_size=tuple(config.eval_size), batch_size=batch,
+                                threshold=config.pseudo_label_threshold)
+        for (image_id, _), label in zip(pending, labels):
+          png = tf.io.encode_png(label[..., None]).numpy()
+          example = tf.train.Example(features=tf.train.Features(feature={
+              'image_id': tf.train.Feature(bytes_list=tf.train.BytesList(
+                  value=[image_id.encode()])),
+              'label': tf.train.Feature(bytes_list=tf.train.BytesList(value=[png]))}))
+          writer.write(example.SerializeToString())
+        done += len(pending)
+        pending = []
+  parallel.sync('pseudo_labels_shards')
+  if index == 0:
+    manifest = {'images': len(ids), 'shards': [_shard_name(i, count) for i in range(count)],
+                'threshold': float(config.pseudo_label_threshold), 'source': source}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+  parallel.sync('pseudo_labels_manifest')
+  return done
+
+
+def read(folder: str | epath.Path) -> dict[str, bytes]:
+  """{image id: PNG label} of a complete pseudo-label folder."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(folder)
+  if not is_complete(folder):
+    raise FileNotFoundError(f'{folder} holds no complete pseudo-label dataset (no {MANIFEST}); '
+                            'run the training command again to write it.')
+  manifest = json.loads((folder / MANIFEST).read_text())
+  spec = {'image_id': tf.io.FixedLenFeature([], tf.string),
+          'label': tf.io.FixedLenFeature([], tf.string)}
+  out = {}
+  for record in tf.data.TFRecordDataset([str(folder / s) for s in manifest['shards']]):
+    example = tf.io.parse_single_example(record, spec)
+    out[example['image_id'].numpy().decode()] = example['label'].numpy()
+  if len(out) != manifest['images']:
+    raise ValueError(f'{folder} lists {manifest["images"]} images but its shards hold '
+                     f'{len(out)}; delete the folder and run the command again.')
+  return out
+
+
+def decode(png: bytes) -> np.ndarray:
+  """uint8 [h, w] label of one stored PNG."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.decode_png(png, channels=1).numpy()[..., 0]
+
