@@ -74,7 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if missing:
     raise ValueError(f'The config lacks the fields {missing}; start from a file in configs/ '
                      '(reco_jax/defaults.py lists every field with its default).')
-  methods.get(config.method)  # Names the valid methods for an unknown one.
+  method = methods.get(config.method)  # Names the valid methods for an unknown one.
   if config.split not in names.LABELLED_POOLS:
     raise ValueError(f'config.split={config.split!r}: expected one of '
                      f'{tuple(names.LABELLED_POOLS)}.')
@@ -108,6 +108,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.learning_rate <= 0:
     raise ValueError(f'config.optimizer.learning_rate must be positive, got '
                      f'{config.optimizer.learning_rate}.')
+  if hasattr(method, 'check_config'):  # What only this method needs or cannot do.
+    method.check_config(config)
   processes, devices = jax.process_count(), jax.device_count()
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % devices:
