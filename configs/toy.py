@@ -6,7 +6,7 @@ labelled images of `reco_toy` (generated on first use) for 1500 steps, and evalu
 200 validation images every 500 steps. What it takes and reaches: benchmarks/README.md.
 
 Arguments as the paper configs: labels=N (0 = all, default 50), partial=p0|p1|p5|p25,
-method=supervised|cutout|cutmix|classmix, reco=True|False, seed=S,
+method=supervised|cutout|cutmix|classmix|s4gan, reco=True|False, seed=S,
 backbone=deeplabv3p|deeplabv2, runlocal (a few steps on the 48-image 'reco_toy/tiny').
 """
 from configs import common
@@ -20,5 +20,7 @@ def get_config(arg=None):
                       head_dim=64),
            optimizer=dict(learning_rate=0.05),
            num_queries=64, num_negatives=128, num_train_steps=1500, log_every_steps=50,
-           eval_every_steps=500, checkpoint_every_steps=500),
+           eval_every_steps=500, checkpoint_every_steps=500,
+           # S4GAN's self-training threshold: the authors' VOC value (the toy has none).
+           s4gan_threshold=0.6),
       arg, default_labels=50)

@@ -33,9 +33,10 @@ from reco_jax import names
 from reco_jax import workdir as workdir_lib
 
 MIOU_TAG = 'eval/miou'
-METHODS = ('supervised', 'cutout', 'cutmix', 'classmix')
-METHOD_NAMES = {'supervised': 'Supervised', 'cutout': 'CutOut', 'cutmix': 'CutMix',
-                'classmix': 'ClassMix'}
+# Table 1's row order.
+METHODS = ('supervised', 's4gan', 'cutout', 'cutmix', 'classmix')
+METHOD_NAMES = {'supervised': 'Supervised', 's4gan': 'S4GAN', 'cutout': 'CutOut',
+                'cutmix': 'CutMix', 'classmix': 'ClassMix'}
 PARTIALS = names.PARTIALS[1:]  # Table 3's columns, in order
 # Table 3's column heads: labelled pixels per class and image.
 PARTIAL_NAMES = {'p0': '1 pixel', 'p1': '1%', 'p5': '5%', 'p25': '25%'}
