@@ -20,8 +20,8 @@ Semantic Segmentation with High- and Low-level Consistency" (TPAMI 2019), as the
    + s4gan_st_weight x self-training, cross-entropy of the unlabelled predictions against
      their own argmax on the images whose discriminator score exceeds s4gan_threshold (a mask
      over the batch: the other images' pixels are void), 0 at step 0 and when no image passes,
-   (+ ReCo); its gradient updates the student only (config.optimizer, as every method: the
-   ReCo paper trains each baseline with its own optimiser);
+   (+ ReCo); its gradient updates the student only, with config.optimizer (the ReCo paper
+   trains every baseline with the optimiser of its own method);
 5. the discriminator loss (BCE(D(predictions), 0) + BCE(D(real), 1)) / 2 on the detached
    predictions, with fresh dropout, updates the discriminator only: Adam with
    s4gan_learning_rate and s4gan_betas, polynomial decay of power s4gan_poly_power over
