@@ -6,8 +6,9 @@ labelled images of `reco_toy` (generated on first use) for 1500 steps, and evalu
 200 validation images every 500 steps. What it takes and reaches: benchmarks/README.md.
 
 Arguments as the paper configs: labels=N (0 = all, default 50), partial=p0|p1|p5|p25,
-method=supervised|cutout|cutmix|classmix|pseudo_label, reco=True|False, seed=S,
-backbone=deeplabv3p|deeplabv2, pretrain=none|within|cross, runlocal (a few steps on the 48-image 'reco_toy/tiny').
+method=supervised|cutout|cutmix|classmix|s4gan|pseudo_label, reco=True|False, seed=S,
+backbone=deeplabv3p|deeplabv2, pretrain=none|within|cross, runlocal (a few steps on the
+48-image 'reco_toy/tiny').
 """
 from configs import common
 
@@ -23,5 +24,7 @@ def get_config(arg=None):
            pretrain_steps=500, pretrain_optimizer=dict(learning_rate=0.05),
            projection_dims=(64, 32), embedding_stride=4,
            num_queries=64, num_negatives=128, num_train_steps=1500, log_every_steps=50,
-           eval_every_steps=500, checkpoint_every_steps=500),
+           eval_every_steps=500, checkpoint_every_steps=500,
+           # S4GAN's self-training threshold: the authors' VOC value (the toy has none).
+           s4gan_threshold=0.6),
       arg, default_labels=50)

@@ -1,7 +1,7 @@
 """Pascal VOC 2012 + SBD (ReCo paper): `--config=configs/voc.py:labels=200,method=classmix`.
 
 Arguments: labels=N (0 = all, default 200), partial=p0|p1|p5|p25, method=supervised|cutout|
-cutmix|classmix|pseudo_label, reco=True|False, pretrain=none|within|cross, seed=S,
+cutmix|classmix|s4gan|pseudo_label, reco=True|False, pretrain=none|within|cross, seed=S,
 backbone=deeplabv3p|deeplabv2, split=pseudoseg (the
 labelled images drawn from VOC's original 1,464 train images, ReCo paper Table 2: labels=92,
 183, 366, 732), unlabelled_fraction=F (Fig. 7c), runlocal.

@@ -1,7 +1,7 @@
 """Runs (or prints) the experiment grids of the ReCo paper's Tables 1, 2 and 3.
 
 Table 1 (labelled subsets, DeepLabV3+): for each dataset and number of labels, Supervised,
-ClassMix and ReCo + ClassMix; with all labels, Supervised and ReCo + Supervised.
+S4GAN, ClassMix and ReCo + ClassMix; with all labels, Supervised and ReCo + Supervised.
 Table 2 (VOC, the PseudoSeg partition: 92, 183, 366 or 732 labelled images of the 1,464 of the
 original train list, the rest of train_aug unlabelled): the same three methods.
 Table 3 (partial labels: 1 pixel, 1%, 5%, 25% per class): ReCo + ClassMix on VOC and Cityscapes.
@@ -32,9 +32,11 @@ PARTIAL_DATASETS = ('voc', 'cityscapes')
 PSEUDOSEG_LABELS = (92, 183, 366, 732)  # 1/16, 1/8, 1/4, 1/2 of VOC's 1,464 train images
 SEEDS = (0, 1, 2)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-# (name, method, reco) of the Table 1 rows; subsets of the labels use the first three.
+# (name, method, reco) of the rows run on labelled subsets (Tables 1 and 2) and on all labels.
 SUBSET_METHODS = (('supervised', 'supervised', False), ('classmix', 'classmix', False),
                   ('reco_classmix', 'classmix', True))
+# Table 1 also has the S4GAN baseline on each labelled subset.
+TABLE1_SUBSET_METHODS = SUBSET_METHODS + (('s4gan', 's4gan', False),)
 ALL_LABEL_METHODS = (('supervised', 'supervised', False),
                      ('reco_supervised', 'supervised', True))
 
@@ -56,7 +58,7 @@ class Run:
 def table1(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
   for dataset in datasets:
     for labels in LABELS[dataset]:
-      methods = ALL_LABEL_METHODS if labels == 0 else SUBSET_METHODS
+      methods = ALL_LABEL_METHODS if labels == 0 else TABLE1_SUBSET_METHODS
       label_name = 'all' if labels == 0 else f'{labels}'
       for name, method, reco in methods:
         for seed in seeds:

@@ -50,6 +50,17 @@ def base_config() -> ml_collections.ConfigDict:
   # forward pass) so that only one pass's activations are held at a time; same gradients, less
   # memory with ReCo (see benchmarks/README.md).
   c.recompute_labelled = False
+  # S4GAN (method=s4gan; Mittal et al., the authors' train_s4GAN.py): the segmentation loss
+  # is CE + s4gan_fm_weight x feature matching + s4gan_st_weight x self-training on the
+  # unlabelled images whose discriminator score exceeds s4gan_threshold (the authors' 0.6 for
+  # VOC, 0.7 for Cityscapes); the discriminator trains with Adam (lr, betas) and polynomial
+  # decay of power s4gan_poly_power over num_train_steps.
+  c.s4gan_fm_weight = 0.1
+  c.s4gan_st_weight = 1.0
+  c.s4gan_threshold = 0.6
+  c.s4gan_learning_rate = 1e-4
+  c.s4gan_betas = (0.9, 0.99)
+  c.s4gan_poly_power = 0.9
   # Label-based contrastive pretraining (Zhao et al., ICCV 2021): 'within' or 'cross' runs a
   # pretraining stage of pretrain_steps on the labelled images before training (workdir
   # sub-folders pretrain/ and finetune/, see reco_jax/stages.py). The paper fixes the loss and

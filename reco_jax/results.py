@@ -34,9 +34,10 @@ from reco_jax import stages
 from reco_jax import workdir as workdir_lib
 
 MIOU_TAG = 'eval/miou'
-METHODS = ('supervised', 'pseudo_label', 'cutout', 'cutmix', 'classmix')
-METHOD_NAMES = {'supervised': 'Supervised', 'pseudo_label': 'Pseudo-label', 'cutout': 'CutOut',
-                'cutmix': 'CutMix', 'classmix': 'ClassMix'}
+# Table 1's row order.
+METHODS = ('supervised', 's4gan', 'pseudo_label', 'cutout', 'cutmix', 'classmix')
+METHOD_NAMES = {'supervised': 'Supervised', 's4gan': 'S4GAN', 'pseudo_label': 'Pseudo-label',
+                'cutout': 'CutOut', 'cutmix': 'CutMix', 'classmix': 'ClassMix'}
 PARTIALS = names.PARTIALS[1:]  # Table 3's columns, in order
 # Table 3's column heads: labelled pixels per class and image.
 PARTIAL_NAMES = {'p0': '1 pixel', 'p1': '1%', 'p5': '5%', 'p25': '25%'}

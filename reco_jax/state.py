@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from reco_jax import methods
+
 # The reference steps its PolyLR once per epoch for 200 epochs of equal length (40k iterations
 # = 200 x 200), so the learning rate is constant within each two-hundredth of training.
 REFERENCE_DECAY_EPOCHS = 200
@@ -99,6 +101,14 @@ def with_optimizer(state: 'TrainState', config: ml_collections.ConfigDict) -> 'T
   return state.replace(tx=make_optimizer(config, schedule), learning_rate_fn=schedule)
 
 
+def initialise(init: Callable, *args):
+  """init(*args) jitted and compiled as `create_train_state` compiles the model's: unoptimised
+  on CPU, where an initialisation's random-number generators compile far longer optimised
+  than they run unoptimised (for the state methods keep in `extras`)."""
+  lowered = jax.jit(init).lower(*args)
+  return lowered.compile(_FAST_COMPILE if jax.default_backend() == 'cpu' else None)(*args)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array,
                        image_shape: Sequence[int], mesh: jax.sharding.Mesh | None = None
                        ) -> TrainState:
@@ -108,6 +118,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   key: a jax.random key for the random initialisation.
   mesh: when given, every leaf is placed replicated on it.
   The teacher starts as a copy of the student (separate buffers, so the state can be donated).
+  A method module with `init_extras(config, key, state) -> dict` (config.method) fills
+  `extras` from it, with a key of its own derived from `key`.
   """
   shape = tuple(int(s) for s in image_shape)
   if len(shape) == 3:
@@ -159,6 +171,10 @@ def create_train_state_from(config: ml_collections.ConfigDict, model: nn.Module,
       tx=tx,
       learning_rate_fn=schedule,
   )
+  method = config.get('method')
+  init_extras = getattr(methods.get(method), 'init_extras', None) if method else None
+  if init_extras is not None:
+    state = state.replace(extras=init_extras(config, jax.random.fold_in(key, 1), state))
   if mesh is not None:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return state

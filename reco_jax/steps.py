@@ -44,7 +44,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
     metrics: dict of float32 scalars: loss, sup_loss, unsup_loss, reco_loss, learning_rate,
       grad_norm; Mean Teacher methods add pseudo_confidence (mean teacher confidence on the
       unlabelled images), confident_fraction (share of those pixels >= strong_threshold) and
-      teacher_decay.
+      teacher_decay; S4GAN's are listed in `reco_jax.methods.s4gan.train_step`.
   """
   if config.partial not in names.PARTIALS:
     raise ValueError(f"config.partial must be '' or one of {names.PARTIALS[1:]}, got "

@@ -78,7 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if missing:
     raise ValueError(f'The config lacks the fields {missing}; start from a file in configs/ '
                      '(reco_jax/defaults.py lists every field with its default).')
-  methods.get(config.method)  # Names the valid methods for an unknown one.
+  method = methods.get(config.method)  # Names the valid methods for an unknown one.
   if config.split not in names.LABELLED_POOLS:
     raise ValueError(f'config.split={config.split!r}: expected one of '
                      f'{tuple(names.LABELLED_POOLS)}.')
@@ -114,6 +114,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.{group}.learning_rate must be positive, got '
                        f'{config[group].learning_rate}.')
   _validate_pretraining(config)
+  if hasattr(method, 'check_config'):  # What only this method needs or cannot do.
+    method.check_config(config)
   processes, devices = jax.process_count(), jax.device_count()
   for name in ('batch_size', 'eval_batch_size'):
     if config[name] % devices:
@@ -133,6 +135,9 @@ def _validate_pretraining(config) -> None:
     if config.partial:
       raise ValueError(f'{what} needs dense labels; partial={config.partial} labels a few '
                        'pixels per image. Drop one of them.')
+  if pretraining and config.method == 's4gan':
+    raise ValueError('pretrain is not supported with method=s4gan (its discriminator has no '
+                     'pretrained counterpart); use pretrain=none, or another method.')
   if config.method == 'pseudo_label' and config.labels == 0:
     raise ValueError('method=pseudo_label labels the unlabelled images, and labels=0 leaves '
                      'none; choose labels=N (the labelled images).')

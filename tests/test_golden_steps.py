@@ -45,6 +45,7 @@ CASES = [
     ('classmix', True, '', False, 1),
     ('classmix', False, '', False, 4),
     ('classmix', True, 'p1', True, 1),
+    ('s4gan', True, '', False, 1),
 ]
 
 
@@ -59,7 +60,9 @@ def golden_config(method, reco, partial, recompute):
       num_classes=NUM_CLASSES, batch_size=BATCH, method=method, reco=reco, partial=partial,
       recompute_labelled=recompute, num_train_steps=100, scale_range=(0.75, 1.25),
       # Low thresholds: an untrained 3-class model is rarely 97 % sure of anything.
-      strong_threshold=0.5, weak_threshold=0.4, num_queries=8, num_negatives=16))
+      strong_threshold=0.5, weak_threshold=0.4, num_queries=8, num_negatives=16,
+      # An untrained discriminator scores about 0.5: some images are self-trained on.
+      s4gan_threshold=0.4))
   return config
 
 
@@ -102,6 +105,10 @@ def run_case(model, initial, case):
   *switches, devices = case
   config = golden_config(*switches)
   mesh = parallel.make_mesh(jax.devices()[:devices])
+  init_extras = getattr(methods.get(config.method), 'init_extras', None)
+  if init_extras is not None:  # e.g. S4GAN's discriminator, beside the shared student
+    initial = initial.replace(extras=jax.tree.map(np.asarray, init_extras(
+        config, jax.random.fold_in(jax.random.key(0), 1), initial)))
   state = jax.device_put(jax.tree.map(jnp.asarray, initial), parallel.replicated(mesh))
   state = state.replace(tx=state_lib.make_optimizer(config))
   batch = parallel.shard_batch(mesh, golden_batch(bool(case[2]), case[0] == 'supervised'))
@@ -114,7 +121,7 @@ def run_case(model, initial, case):
     history.append({k: float(v) for k, v in sorted(metrics.items())})
   state = jax.tree.map(np.asarray, state)
   prints = {part: fingerprint(getattr(state, part)) for part in
-            ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats')}
+            ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats', 'extras')}
   return {'metrics': history, 'fingerprints': prints}
 
 

@@ -24,8 +24,8 @@ def _config_args(line):
 
 def test_sweep_prints_table1_grid_with_three_seeds():
   lines = _sweep('--tables=1')
-  # Per dataset: 3 label counts x 3 methods + all labels x 2 methods, times 3 seeds.
-  assert len(lines) == 3 * (3 * 3 + 2) * 3
+  # Per dataset: 3 label counts x 4 methods + all labels x 2 methods, times 3 seeds.
+  assert len(lines) == 3 * (3 * 4 + 2) * 3
   cells = collections.Counter()
   for line in lines:
     path, args = _config_args(line)
@@ -40,8 +40,10 @@ def test_sweep_prints_table1_grid_with_three_seeds():
       assert cells[(dataset, n, 'supervised', 'False')] == 3
       assert cells[(dataset, n, 'classmix', 'False')] == 3
       assert cells[(dataset, n, 'classmix', 'True')] == 3
+      assert cells[(dataset, n, 's4gan', 'False')] == 3
     assert cells[(dataset, '0', 'supervised', 'False')] == 3
     assert cells[(dataset, '0', 'supervised', 'True')] == 3
+    assert cells[(dataset, '0', 's4gan', 'False')] == 0
   seeds = {_config_args(line)[1]['seed'] for line in lines}
   assert seeds == {'0', '1', '2'}
 
@@ -70,13 +72,14 @@ def test_sweep_prints_table2_pseudoseg_grid():
     assert '/table2/voc/' in line
     cells[args['labels'], args['method'], args['reco']] += 1
   assert {k[0] for k in cells} == {'92', '183', '366', '732'} and set(cells.values()) == {3}
+  assert {k[1] for k in cells} == {'supervised', 'classmix'}  # no S4GAN in Table 2
 
 
 def test_sweep_commands_resolve_to_valid_configs():
   from configs import cityscapes, sun, voc  # noqa: F401
   modules = {'voc': voc, 'cityscapes': cityscapes, 'sun': sun}
   lines = _sweep()
-  assert len(lines) == 99 + 4 * 3 * 3 + 24
+  assert len(lines) == 126 + 4 * 3 * 3 + 24
   workdirs = set()
   for line in lines:
     path, _ = _config_args(line)

@@ -267,6 +267,7 @@ def test_training_stream_reads_pseudo_labels_in_place_of_labels(toy_data_dir):  
 @pytest.mark.parametrize('arg, match', [
     ('pretrain=within,partial=p1', 'needs dense labels'),
     ('method=pseudo_label,labels=0', 'leaves none'),
+    ('method=s4gan,pretrain=cross', 'not supported with method=s4gan'),
 ])
 def test_unsupported_combinations_are_clear_errors(arg, match):
   with pytest.raises(ValueError, match=match):

@@ -6,6 +6,11 @@ A method module defines
   BRANCHES: (labelled, unlabelled) images per step in multiples of config.batch_size; a
     method with no unlabelled images gets no 'unlabelled' branch in its batches;
   LOSS_PARTS: the loss terms its metrics carry, shown on the console (ReCo adds reco_loss).
+Optionally:
+  init_extras(config, key, state) -> dict: the state the method keeps beside the student
+    (TrainState.extras), made by `state.create_train_state`;
+  check_config(config): raises ValueError for settings the method does not support, called
+    by `train.validate_config`.
 `steps.make_train_step` binds the keyword arguments and jits the step. Adding a method is
 adding its module and one entry below. This package imports no module of a method until one
 is asked for, so configs can read the names cheaply.
@@ -20,6 +25,7 @@ _REGISTRY = {
     'cutout': 'mean_teacher',
     'cutmix': 'mean_teacher',
     'classmix': 'mean_teacher',
+    's4gan': 's4gan',
     # Zhao et al.'s semi-supervised setting: its stages (reco_jax.stages) train supervised.
     'pseudo_label': 'supervised',
 }
