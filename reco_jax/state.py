@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from reco_jax.losses import reco_bank
+
 # The reference steps its PolyLR once per epoch for 200 epochs of equal length (40k iterations
 # = 200 x 200), so the learning rate is constant within each two-hundredth of training.
 REFERENCE_DECAY_EPOCHS = 200
@@ -108,6 +110,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   key: a jax.random key for the random initialisation.
   mesh: when given, every leaf is placed replicated on it.
   The teacher starts as a copy of the student (separate buffers, so the state can be donated).
+  With config.reco_bank_size > 0, extras hold the empty ReCo feature bank (losses/reco_bank.py).
   """
   shape = tuple(int(s) for s in image_shape)
   if len(shape) == 3:
@@ -130,6 +133,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   schedule = learning_rate_schedule(config)
   tx = make_optimizer(config, schedule)
   params, batch_stats = variables['params'], variables['batch_stats']
+  extras = _reco_bank_extras(config, model, variables, dummy)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -141,7 +145,19 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
       apply_fn=model.apply,
       tx=tx,
       learning_rate_fn=schedule,
+      extras=extras,
   )
   if mesh is not None:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return state
+
+
+def _reco_bank_extras(config, model, variables, dummy) -> dict:
+  """The empty ReCo feature bank when config.reco_bank_size > 0 (losses/reco_bank.py), else {}.
+
+  Its representation width and class count are read from the model's output shapes.
+  """
+  if not reco_bank.settings(config)[0]:
+    return {}
+  logits, rep = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
+  return reco_bank.init_extras(config, logits.shape[-1], rep.shape[-1])

@@ -1,4 +1,4 @@
-"""ReCo with a feature bank: FIFO queues, the write choice, bank-mode loss."""
+"""ReCo with a feature bank: FIFO queues, the write choice, bank-mode loss, devices, resume."""
 import collections
 import functools
 
@@ -6,10 +6,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from reco_jax import parallel
+from reco_jax import state as state_lib
+from reco_jax import workdir as workdir_lib
+from reco_jax.methods import common
 from reco_jax.losses import reco
 from reco_jax.losses import reco_bank
+from reco_jax.losses import reco_recipe
+from test_steps import NUM_CLASSES, SIZE, make_batch, tiny_model
+import test_steps
 
 TAU = 0.5
 BANK_SLOTS = 40  # The loss tests' banks: [4 classes, 40, 8] (one compilation for all).
@@ -195,6 +203,104 @@ def test_bank_supplies_prototype_and_negatives_a_one_class_batch_lacks():
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- devices
+
+
+@functools.cache
+def _model_and_initial_state():
+  """The tiny model and its initial state with an empty bank of 12 slots (one init)."""
+  config = test_steps.tiny_config(reco=True, reco_bank_size=12)
+  model = tiny_model()
+  return model, state_lib.create_train_state(config, model, jax.random.key(0), (SIZE, SIZE, 3))
+
+
+def test_bank_updates_are_the_same_on_one_and_four_devices():
+  """Three steps' updates: the same bank on 1 and 4 devices, in branch-major pixel order."""
+  config = _bank_config()
+  size, writes = config.reco_bank_size, config.reco_bank_writes
+  rng = np.random.default_rng(7)
+  branches = []
+  for _ in range(2):  # labelled, then pseudo-labelled: 8 images of 6 x 6 each
+    rep = rng.normal(size=(8, 6, 6, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, (8, 6, 6)).astype(np.int32)
+    labels[rng.random(labels.shape) < 0.2] = 255
+    logits = rng.normal(size=(8, 6, 6, 3)).astype(np.float32)
+    branches.append(reco_recipe.Branch(rep, logits, labels, labels != 255))
+  keys = [jax.random.key(k) for k in range(3)]
+
+  def run(devices):
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    update = jax.jit(lambda key, branches, bank: reco_recipe.update_bank(
+        key, branches, bank, mesh=mesh, config=config))
+    on_mesh = parallel.shard_batch(mesh, branches)
+    bank = jax.device_put(reco_bank.init(3, size, 8), parallel.replicated(mesh))
+    for key in keys:
+      bank = update(key, on_mesh, bank)
+    return jax.tree.map(np.asarray, bank)
+
+  one, four = run(1), run(4)
+  for name in ('keys', 'count', 'pointer'):
+    np.testing.assert_array_equal(one[name], four[name], err_msg=name)
+  # The reference: the branches concatenated whole (not per device), chosen as one batch.
+  cat = lambda arrays: jnp.concatenate([jnp.asarray(a) for a in arrays])
+  labels, valid = cat([b.labels for b in branches]), cat([b.valid for b in branches])
+
+  @jax.jit
+  def reference_update(key, bank):
+    priority, pixel_id = reco_recipe._write_order(key, [b.labels for b in branches])
+    entries, num_new = reco_bank.choose(cat([b.rep for b in branches]), labels, valid,
+                                        cat(priority), cat(pixel_id), num_classes=3,
+                                        writes=writes)
+    return reco_bank.write(bank, entries, num_new)
+
+  bank = reco_bank.init(3, size, 8)
+  for key in keys:
+    bank = reference_update(key, bank)
+  np.testing.assert_array_equal(one['keys'], np.asarray(bank['keys']))
+  assert one['count'].tolist() == [size] * 3  # 3 steps x 8 writes: every queue wrapped
+  assert one['pointer'].tolist() == [3 * writes % size] * 3
+
+
+def test_supervised_step_on_four_devices_writes_the_steps_representations_to_the_bank():
+  """create_train_state makes the bank; the step enqueues its keys into state.extras."""
+  config = test_steps.tiny_config(method='supervised', reco=True, reco_bank_size=12,
+                                  reco_bank_writes=5)
+  model, initial = _model_and_initial_state()
+  empty = jax.tree.map(np.asarray, initial.extras[reco_bank.NAME])
+  assert empty['keys'].shape == (NUM_CLASSES, 12, 8) and empty['keys'].dtype == np.float32
+  assert not empty['keys'].any() and not empty['count'].any() and not empty['pointer'].any()
+  np_batch = make_batch(supervised=True)
+  images, labels = np_batch['labelled']['image'], np_batch['labelled']['label']
+  key = jax.random.key(8)
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  state = jax.device_put(jax.tree.map(jnp.copy, initial), parallel.replicated(mesh))
+  batch = parallel.shard_batch(mesh, np_batch)
+  step = test_steps.compile_step(config, model, mesh, state, batch, key)
+  banks = []
+  for _ in range(3):
+    state, metrics = step(state, batch, key)
+    assert reco_bank.NAME not in metrics and float(metrics['reco_loss']) > 0
+    banks.append(jax.tree.map(np.asarray, state.extras[reco_bank.NAME]))
+
+  @jax.jit
+  def first_entries(variables):
+    """What step 1 must have written, computed on the whole batch at once."""
+    (_, rep), _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
+    small, valid = reco_recipe.resize_targets(jnp.asarray(labels), jnp.asarray(labels) != 255,
+                                              rep.shape[1:3])
+    _, k_write = jax.random.split(common.step_keys(key, jnp.asarray(0))[2])
+    priority, pixel_id = reco_recipe._write_order(k_write, [small])
+    return reco_bank.choose(rep, small, valid, priority[0], pixel_id[0],
+                            num_classes=NUM_CLASSES, writes=5)
+
+  entries, num_new = first_entries(initial.student_variables())
+  assert num_new.tolist() == [5] * NUM_CLASSES
+  np.testing.assert_allclose(banks[0]['keys'][:, :5], entries, rtol=1e-4, atol=1e-5)
+  assert np.all(banks[0]['keys'][:, 5:] == 0) and banks[0]['count'].tolist() == [5] * 3
+  # Every class fills 5 slots a step: 3 steps wrap each queue of 12.
+  assert banks[2]['count'].tolist() == [12] * 3 and banks[2]['pointer'].tolist() == [3] * 3
+
+
 def test_bad_bank_settings_are_rejected():
   with pytest.raises(ValueError, match='non-negative integer'):
     reco_bank.settings(_bank_config(reco_bank_size=-1))
@@ -217,3 +323,49 @@ def test_bad_bank_settings_are_rejected():
   with pytest.raises(ValueError, match='exclude each other'):
     reco.reco_loss(jax.random.key(0), rep, labels, valid, prob, bank=reco_bank.init(4, 3, 8),
                    prototype_stats=reco.class_statistics(rep, labels, valid, 4))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resumed_mean_teacher_run_with_bank_matches_uninterrupted_run(tmp_path):
+  """ClassMix + ReCo with a bank: saved at step 2, restored as train.py does, continued."""
+  config = test_steps.tiny_config(method='classmix', reco=True, reco_bank_size=12,
+                                  reco_bank_writes=5)
+  model, initial = _model_and_initial_state()
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  initial = jax.device_put(initial, parallel.replicated(mesh))
+  batches = [parallel.shard_batch(mesh, make_batch(seed=i)) for i in range(4)]
+  key = jax.random.key(9)
+  step = test_steps.compile_step(config, model, mesh, initial, batches[0], key)
+  copy = lambda state: jax.tree.map(jnp.copy, state)
+
+  full = copy(initial)
+  for batch in batches:
+    full, metrics = step(full, batch, key)
+    assert float(metrics['reco_loss']) > 0
+  killed = copy(initial)
+  for batch in batches[:2]:
+    killed, _ = step(killed, batch, key)
+  manager, best_manager = workdir_lib.checkpoint_managers(tmp_path, 2)
+  manager.save(2, args=ocp.args.StandardSave(killed))
+  manager.wait_until_finished()
+  saved_bank = jax.tree.map(np.asarray, killed.extras[reco_bank.NAME])
+  del killed
+  resumed = manager.restore(2, args=ocp.args.StandardRestore(workdir_lib.abstract(initial)))
+  manager.close()
+  best_manager.close()
+  for name, value in jax.tree.map(np.asarray, resumed.extras[reco_bank.NAME]).items():
+    np.testing.assert_array_equal(value, saved_bank[name], err_msg=name)
+  assert saved_bank['count'].tolist() == [10] * NUM_CLASSES
+  for batch in batches[2:]:
+    resumed, _ = step(resumed, batch, key)
+  host = lambda tree: jax.tree.map(np.asarray, tree)
+  bank = host(full.extras[reco_bank.NAME])
+  assert bank['count'].tolist() == [12] * 3 and bank['pointer'].tolist() == [8] * 3
+  for name in ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats',
+               'extras'):
+    a, b = host(getattr(full, name)), host(getattr(resumed, name))
+    assert jax.tree.structure(a) == jax.tree.structure(b), name
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=name)
