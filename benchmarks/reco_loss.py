@@ -8,6 +8,8 @@ Scales (semi-supervised, labelled + unlabelled batch at 1/4 of a 321x321 crop):
   python -m benchmarks.reco_loss --dtype=bfloat16 # bf16 representations (model in bf16)
   python -m benchmarks.reco_loss --present=21,12  # batches holding 21 and 12 of the classes
   python -m benchmarks.reco_loss --floor          # also the time to merely gather the keys
+  python -m benchmarks.reco_loss --bank=2048      # also with a full feature bank of 2048 keys
+                                                  # per class (its update included)
 """
 import argparse
 import statistics
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reco_jax.losses import reco
+from reco_jax.losses import reco_bank
 
 SCALES = {'voc': 21, 'sun': 37}
 
@@ -68,6 +71,38 @@ def measure(num_classes, runs, dtype, present=None, **loss_kwargs):
   return _time(compiled, runs, jax.random.key(0), rep, labels, valid, prob) + (temp,)
 
 
+def measure_bank(num_classes, runs, dtype, size, writes, present=None, **loss_kwargs):
+  """As `measure`, for one bank-mode step: enqueue the batch's keys, then the loss.
+
+  The bank starts full (size random entries per class), as it is after the first
+  size / writes steps; `writes` valid pixels per class are chosen and enqueued first.
+  """
+  rep, labels, valid, prob = make_inputs(num_classes, dtype=dtype, present=present)
+  rng = np.random.default_rng(1)
+  bank = {'keys': jnp.asarray(rng.normal(size=(num_classes, size, rep.shape[-1])),
+                              jnp.float32),
+          'count': jnp.full(num_classes, size, jnp.int32),
+          'pointer': jnp.zeros(num_classes, jnp.int32)}
+  pixel_id = jnp.arange(labels.size, dtype=jnp.int32).reshape(labels.shape)
+
+  @jax.jit
+  def bank_step(key, rep, labels, valid, prob, bank):
+    k_write, k_loss = jax.random.split(key)
+    priority = jax.random.bits(k_write, labels.shape, jnp.uint32)
+    entries, num_new = reco_bank.choose(rep, labels, valid, priority, pixel_id,
+                                        num_classes=num_classes, writes=writes)
+    bank = reco_bank.write(bank, entries, num_new)
+    value, grad = jax.value_and_grad(
+        lambda r: reco.reco_loss(k_loss, r, labels, valid, prob, bank=bank,
+                                 **loss_kwargs))(rep)
+    return value, grad, bank
+
+  args = (jax.random.key(0), rep, labels, valid, prob, bank)
+  compiled = bank_step.lower(*args).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  return _time(compiled, runs, *args) + (temp,)
+
+
 def gather_floor(num_classes, runs, num_queries=256, num_negatives=512, block_rows=8):
   """(median s, min s, CPU s) of only gathering and summing the keys the exact loss reads.
 
@@ -101,6 +136,11 @@ def main():
                            '(default: all of them)')
   parser.add_argument('--floor', action='store_true',
                       help='also time only gathering the keys of the per-query mode')
+  parser.add_argument('--bank', type=int, default=0,
+                      help='also time bank-mode ReCo with a full bank of this many keys per '
+                           'class (config.reco_bank_size)')
+  parser.add_argument('--bank_writes', type=int, default=64,
+                      help='keys enqueued per class and step (config.reco_bank_writes)')
   args = parser.parse_args()
   modes = [False, True] if args.shared else [False]
   extra = {} if args.block_rows is None else {'block_rows': args.block_rows}
@@ -115,6 +155,13 @@ def main():
         print(f'{scale:5}  {num_classes:7}  {present:7}  '
               f'{"shared" if shared else "per-query":11}  {median:8.3f}  {best:5.3f}  '
               f'{cpu:5.3f}  {temp / 2**20:8.1f}', flush=True)
+        if args.bank:
+          median, best, cpu, temp = measure_bank(
+              num_classes, args.runs, args.dtype, args.bank, min(args.bank_writes, args.bank),
+              present, shared_negatives=shared, **extra)
+          label = f'bank {args.bank}' + (' sh' if shared else '')
+          print(f'{scale:5}  {num_classes:7}  {present:7}  {label:11}  {median:8.3f}  '
+                f'{best:5.3f}  {cpu:5.3f}  {temp / 2**20:8.1f}', flush=True)
     if args.floor:
       median, best, cpu = gather_floor(num_classes, args.runs)
       print(f'{scale:5}  {num_classes:7}  {num_classes:7}  {"gather only":11}  {median:8.3f}  '

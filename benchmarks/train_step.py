@@ -18,6 +18,9 @@ Inputs are random, so the teacher is untrained: every unlabelled pixel is made v
   PYTHONPATH=. python benchmarks/train_step.py --backbone=resnet_tiny --size=65  # smoke run
   PYTHONPATH=. python benchmarks/train_step.py --explain --memory_batch=2
   PYTHONPATH=. python benchmarks/train_step.py --recompute_labelled  # the memory-saving mode
+  PYTHONPATH=. python benchmarks/train_step.py --bank=2048 --backbone=resnet_tiny
+      # only: seconds per ClassMix + ReCo step, batch-mode ReCo beside a feature bank of 2048
+      # keys per class (config.reco_bank_size), at --time_batch
 """
 import argparse
 import functools
@@ -37,11 +40,13 @@ from reco_jax.losses import reco as reco_lib
 from reco_jax.models import deeplab
 
 
-def make_config(method: str, reco: bool, batch: int, size: int, recompute: bool = False):
+def make_config(method: str, reco: bool, batch: int, size: int, recompute: bool = False,
+                bank: int = 0):
   config = voc.get_config()
   config.method = method
   config.reco = reco
   config.recompute_labelled = recompute
+  config.reco_bank_size = bank
   config.batch_size = batch
   config.crop_size = (size, size)
   config.weak_threshold = 0.0
@@ -162,6 +167,26 @@ def seconds_per_step(config, model, mesh, state, size, rng, num_steps):
           (time.process_time() - cpu_start) / num_steps, compile_s, float(metrics['loss']))
 
 
+def time_bank(args, model, mesh, rng):
+  """Seconds per ClassMix + ReCo step at --time_batch: batch-mode ReCo, then with the bank."""
+  batch, size = args.time_batch, args.size
+  bank_config = make_config('classmix', True, batch, size, args.recompute_labelled, args.bank)
+  state = state_lib.create_train_state(bank_config, model, jax.random.key(0), (size, size, 3),
+                                       mesh=mesh)
+  timing = {}
+  for bank in (0, args.bank):
+    config = make_config('classmix', True, batch, size, args.recompute_labelled, bank)
+    start = state if bank else state.replace(extras={})
+    secs, cpu, compile_s, loss = seconds_per_step(config, model, mesh, start, size, rng,
+                                                  args.steps)
+    timing[bank] = secs
+    print(f'classmix {batch}+{batch} reco=True reco_bank_size={bank}: {secs:.3f} s/step, '
+          f'CPU {cpu:.3f} s/step (compile {compile_s:.0f} s, loss {loss:.3f})', flush=True)
+  print(f'load average {os.getloadavg()}')
+  print(f'bank_time_ratio={timing[args.bank] / timing[0]:.3f} '
+        f'bank_extra_s={timing[args.bank] - timing[0]:.3f}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--backbone', default='resnet101')
@@ -172,6 +197,9 @@ def main():
   parser.add_argument('--explain', action='store_true')
   parser.add_argument('--recompute_labelled', action='store_true',
                       help='semi-supervised steps with config.recompute_labelled=True')
+  parser.add_argument('--bank', type=int, default=0,
+                      help='only time ClassMix + ReCo steps without and with a feature bank '
+                           'of this many keys per class')
   args = parser.parse_args()
   print(f'jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), '
         f'load average {os.getloadavg()}', flush=True)
@@ -181,6 +209,10 @@ def main():
                               output_stride=16, rep_dim=256)
   size = args.size
   shape = f'{args.memory_batch}+{args.memory_batch}'
+
+  if args.bank:
+    time_bank(args, model, mesh, rng)
+    return
 
   if args.explain:
     base = None

@@ -46,6 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.query_mode = 'hard'
   c.key_mode = 'active'
   c.average_prototypes = False
+  # ReCo with a feature bank (paper section 4.4): a queue of K keys per class from earlier
+  # steps, the key set of the loss; 0 = batch-mode ReCo. reco_bank_writes keys per class are
+  # enqueued each step (at most K). See reco_jax/losses/reco_bank.py.
+  c.reco_bank_size = 0
+  c.reco_bank_writes = 64
   # Semi-supervised steps: recompute the labelled student pass in the backward pass (one more
   # forward pass) so that only one pass's activations are held at a time; same gradients, less
   # memory with ReCo (see benchmarks/README.md).

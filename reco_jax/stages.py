@@ -56,8 +56,9 @@ def _copy(config: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigD
 
 def pretraining_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of a pretraining stage: its steps and optimiser in place of training's."""
+  # No ReCo (nor its feature bank) in this stage: the contrastive loss is its only loss.
   return _copy(config, num_train_steps=int(config.pretrain_steps),
-               optimizer=config.pretrain_optimizer.to_dict())
+               optimizer=config.pretrain_optimizer.to_dict(), reco=False, reco_bank_size=0)
 
 
 def _training(config, prefix: str, *, method: str, pseudo: str | None,

@@ -14,6 +14,7 @@ import ml_collections
 import optax
 
 from reco_jax import methods
+from reco_jax.losses import reco_bank
 
 # The reference steps its PolyLR once per epoch for 200 epochs of equal length (40k iterations
 # = 200 x 200), so the learning rate is constant within each two-hundredth of training.
@@ -120,6 +121,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   The teacher starts as a copy of the student (separate buffers, so the state can be donated).
   A method module with `init_extras(config, key, state) -> dict` (config.method) fills
   `extras` from it, with a key of its own derived from `key`.
+  With config.reco_bank_size > 0, extras hold the empty ReCo feature bank (losses/reco_bank.py).
   """
   shape = tuple(int(s) for s in image_shape)
   if len(shape) == 3:
@@ -138,7 +140,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   init_weights = config.get('init_weights', '')
   if init_weights:
     variables = _load_initial_weights(init_weights, variables)
-  return create_train_state_from(config, model, variables, mesh=mesh)
+  return create_train_state_from(config, model, variables, key, shape, mesh=mesh)
 
 
 def _load_initial_weights(path: str, variables: dict) -> dict:
@@ -152,13 +154,16 @@ def _load_initial_weights(path: str, variables: dict) -> dict:
 
 
 def create_train_state_from(config: ml_collections.ConfigDict, model: nn.Module,
-                            variables: dict, mesh: jax.sharding.Mesh | None = None
-                            ) -> TrainState:
-  """A step-0 state of the given {'params', 'batch_stats'}: a fresh optimiser of config and a
-  teacher that copies the student; every leaf replicated on `mesh` when given."""
+                            variables: dict, key: jax.Array, image_shape: Sequence[int],
+                            mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """A step-0 state of the given {'params', 'batch_stats'}: a fresh optimiser of config, a
+  teacher that copies the student and the extras (see create_train_state; key and the
+  (B, H, W, 3) image_shape as there); every leaf replicated on `mesh` when given."""
+  dummy = jax.ShapeDtypeStruct(tuple(int(s) for s in image_shape), jnp.float32)
   schedule = learning_rate_schedule(config)
   tx = make_optimizer(config, schedule)
   params, batch_stats = variables['params'], variables['batch_stats']
+  extras = _reco_bank_extras(config, model, variables, dummy)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -170,11 +175,24 @@ def create_train_state_from(config: ml_collections.ConfigDict, model: nn.Module,
       apply_fn=model.apply,
       tx=tx,
       learning_rate_fn=schedule,
+      extras=extras,
   )
   method = config.get('method')
   init_extras = getattr(methods.get(method), 'init_extras', None) if method else None
   if init_extras is not None:
-    state = state.replace(extras=init_extras(config, jax.random.fold_in(key, 1), state))
+    state = state.replace(extras={**state.extras,
+                                  **init_extras(config, jax.random.fold_in(key, 1), state)})
   if mesh is not None:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return state
+
+
+def _reco_bank_extras(config, model, variables, dummy) -> dict:
+  """The empty ReCo feature bank when config.reco_bank_size > 0 (losses/reco_bank.py), else {}.
+
+  Its representation width and class count are read from the model's output shapes.
+  """
+  if not reco_bank.settings(config)[0]:
+    return {}
+  logits, rep = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
+  return reco_bank.init_extras(config, logits.shape[-1], rep.shape[-1])

@@ -415,7 +415,8 @@ def initial_state(stage: stages.Stage, run_dir: epath.Path, model, mesh) -> stat
   variables = contrastive_pretraining.finetune_variables(
       parallel.to_host(pretrained.student_variables()),
       parallel.to_host(state.student_variables()))
-  return state_lib.create_train_state_from(config, model, variables, mesh=mesh)
+  return state_lib.create_train_state_from(config, model, variables, init_key,
+                                           (1, *tuple(config.crop_size), 3), mesh=mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

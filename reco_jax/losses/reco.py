@@ -8,6 +8,10 @@ similarity between prototypes (the class relation graph), then uniformly inside 
 loss is a cross-entropy over cosine similarities with the positive at index 0, averaged over
 queries, summed over classes and divided by the number of present classes.
 
+With a feature bank (ReCo paper section 4.4; `reco_bank.py` keeps it), the positive keys,
+the relation graph and the negative keys come from the bank's entries instead of the batch's
+pixels; queries still come from the batch.
+
 Cost. Gathering num_queries x num_negatives key vectors per class is the dominant cost (memory
 bound), so the keys are gathered once, in blocks of query rows small enough to stay in cache, and
 the backward pass never touches them again: the gradient of a query's cross-entropy with respect
@@ -188,7 +192,7 @@ def class_statistics(rep, labels, valid, num_classes):
 
 def reco_loss(key, rep, labels, valid, prob, *, strong_threshold=0.97, temperature=0.5,
               num_queries=256, num_negatives=512, query_mode='hard', key_mode='active',
-              shared_negatives=False, prototype_stats=None, block_rows=8):
+              shared_negatives=False, prototype_stats=None, bank=None, block_rows=8):
   """ReCo loss on one batch (ReCo paper Eq. 1-4; reference `compute_reco_loss`, lorenmt/reco).
 
   Args:
@@ -211,6 +215,15 @@ def reco_loss(key, rep, labels, valid, prob, *, strong_threshold=0.97, temperatu
     prototype_stats: optional (sums [C, m], counts [C]) from `class_statistics`, e.g. summed
       across devices, used for the prototypes instead of this batch's. Which classes are present
       (and so V and the key classes) is always decided by this batch.
+    bank: optional feature bank (keys [C, K, m] float, count [C] int), as `reco_bank.init`
+      makes it: entry k of class c is a key of c iff k < count[c]. When given, the bank is
+      the key set: prototypes are the means of each class's entries, the negative classes
+      are the classes with entries, and negatives are drawn uniformly from a class's entries.
+      Queries, and V (the classes present among this batch's valid pixels, the divisor of
+      the loss), still come from the batch; a query class needs entries of its own and of
+      one other class, so with one class in the batch the loss is no longer 0 once the bank
+      holds another. A bank holding exactly the batch's valid pixels, each class's in pixel
+      order, gives the batch-mode loss and draws. Not with prototype_stats.
     block_rows: query rows whose keys are gathered together (a cache-size knob; no effect on
       the value).
 
@@ -221,16 +234,17 @@ def reco_loss(key, rep, labels, valid, prob, *, strong_threshold=0.97, temperatu
   return _reco(key, rep, labels, valid, prob, strong_threshold=strong_threshold,
                temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,
                query_mode=query_mode, key_mode=key_mode, shared_negatives=shared_negatives,
-               prototype_stats=prototype_stats, block_rows=block_rows)[0]
+               prototype_stats=prototype_stats, bank=bank, block_rows=block_rows)[0]
 
 
 def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_queries,
           num_negatives, query_mode, key_mode, shared_negatives, prototype_stats, block_rows,
-          return_samples=False):
+          bank=None, return_samples=False):
   """`reco_loss`, plus (if return_samples) the sampled pixel indices into the flattened batch.
 
   Returns (loss, samples); samples is None or {'query': [C, Q], 'key': [C, Q, N] or, with
   shared negatives, [C, N]} int32, where inactive classes hold the out-of-range index P.
+  With a bank, key indices point into its flattened [C * K] entries (C * K when inactive).
   """
   rep, labels, valid, prob = (jnp.asarray(x) for x in (rep, labels, valid, prob))
   _check_inputs(rep, labels, valid, prob, strong_threshold, temperature, num_queries,
@@ -250,26 +264,40 @@ def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_q
   prob = lax.stop_gradient(prob.reshape(num_pixels, num_classes)).astype(jnp.float32)
   p_own = jnp.take_along_axis(prob, jnp.minimum(cls, num_classes - 1)[:, None], axis=1)[:, 0]
 
-  # Inverse norms of the (stop-gradient) key table. Invalid pixels are never drawn as keys; a
-  # huge value there squares to inf, which the mask drops.
-  table_sg = lax.stop_gradient(table)
-  sq = jnp.where(ok, jnp.sum(jnp.square(table_sg.astype(jnp.float32)), axis=-1), 1.0)
-  inv_norm = lax.rsqrt(jnp.maximum(sq, _EPS * _EPS))
+  if bank is None:
+    # Inverse norms of the (stop-gradient) key table. Invalid pixels are never drawn as keys;
+    # a huge value there squares to inf, which the mask drops.
+    table_sg = lax.stop_gradient(table)
+    sq = jnp.where(ok, jnp.sum(jnp.square(table_sg.astype(jnp.float32)), axis=-1), 1.0)
+    inv_norm = lax.rsqrt(jnp.maximum(sq, _EPS * _EPS))
 
-  if prototype_stats is None:
-    proto_sum, proto_count = class_statistics(rep, labels, valid, num_classes)
+    if prototype_stats is None:
+      proto_sum, proto_count = class_statistics(rep, labels, valid, num_classes)
+    else:
+      proto_sum, proto_count = (lax.stop_gradient(jnp.asarray(s, jnp.float32))
+                                for s in prototype_stats)
+      if proto_sum.shape != (num_classes, m) or proto_count.shape != (num_classes,):
+        raise ValueError(f'prototype_stats must be (sums [{num_classes}, {m}], counts '
+                         f'[{num_classes}]) as from class_statistics, got {proto_sum.shape} '
+                         f'and {proto_count.shape}.')
+    proto_unit = _unit(proto_sum / jnp.maximum(proto_count, 1.0)[:, None])
+
+    key_order, key_count, key_offset = _sort_by_class(cls, num_classes)
+    present = key_count > 0
+    num_present = jnp.sum(present.astype(jnp.int32))
+    num_divisor = num_present
   else:
-    proto_sum, proto_count = (lax.stop_gradient(jnp.asarray(s, jnp.float32))
-                              for s in prototype_stats)
-    if proto_sum.shape != (num_classes, m) or proto_count.shape != (num_classes,):
-      raise ValueError(f'prototype_stats must be (sums [{num_classes}, {m}], counts '
-                       f'[{num_classes}]) as from class_statistics, got {proto_sum.shape} and '
-                       f'{proto_count.shape}.')
-  proto_unit = _unit(proto_sum / jnp.maximum(proto_count, 1.0)[:, None])
-
-  key_order, key_count, key_offset = _sort_by_class(cls, num_classes)
-  present = key_count > 0
-  num_present = jnp.sum(present.astype(jnp.int32))
+    if prototype_stats is not None:
+      raise ValueError('prototype_stats and bank exclude each other: with a bank the '
+                       'prototypes are the means of its entries.')
+    table_sg, inv_norm, proto_unit, key_order, key_count, key_offset = _bank_keys(
+        bank, num_classes, m)
+    # Classes with keys (the bank's) decide the negatives; V counts this batch's classes.
+    present = key_count > 0
+    num_present = jnp.sum(present.astype(jnp.int32))
+    in_batch = jnp.bincount(cls, length=num_classes + 1)[:num_classes] > 0
+    num_divisor = jnp.sum(in_batch.astype(jnp.int32))
+  num_keys = key_order.shape[0]
 
   if query_mode == 'hard':
     eligible = ok & (p_own < strong_threshold)
@@ -280,6 +308,8 @@ def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_q
   query_order, query_count, query_offset = _sort_by_class(
       jnp.where(eligible, cls, num_classes), num_classes)
   class_active = present & (query_count > 0) & (num_present >= 2)
+  if bank is not None:
+    class_active = class_active & in_batch
 
   neg_prob = _negative_class_probs(proto_unit, key_count, present, temperature, key_mode)
   neg_cdf = jnp.cumsum(neg_prob, axis=1)
@@ -304,7 +334,7 @@ def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_q
     uk = jax.random.bits(key_neg, (2, num_classes, num_negatives), jnp.uint32)
     neg_cls = _draw_negative_classes(_to_unit_float(uk[0]), neg_cdf, neg_last)
     idx = _draw_in_class(uk[1], neg_cls, key_order, key_count, key_offset)
-    key_idx = jnp.where(class_active[:, None], idx, num_pixels)
+    key_idx = jnp.where(class_active[:, None], idx, num_keys)
     keys, scale = gather_keys(key_idx)
     loss, mean_key = _contrast_rows(q_unit_sg, proto_unit[:, None], keys, scale, temperature,
                                     shared=True)
@@ -319,9 +349,35 @@ def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_q
   # Value: the loss; gradient w.r.t. q_unit: (weighted mean key - positive) / temperature.
   loss = loss + jnp.sum((q_unit - q_unit_sg) * step, axis=-1)
   per_class = jnp.sum(loss, axis=1) / num_queries
-  total = jnp.where(num_present >= 2, jnp.sum(per_class) / jnp.maximum(num_present, 1), 0.0)
+  total = jnp.where(num_present >= 2, jnp.sum(per_class) / jnp.maximum(num_divisor, 1), 0.0)
   samples = {'query': query_idx, 'key': key_idx} if return_samples else None
   return total, samples
+
+
+def _bank_keys(bank, num_classes, m):
+  """The key set of a bank: (table, inverse norms, unit prototypes, order, count, offset).
+
+  bank: {'keys': [C, K, m] float, 'count': [C] int, ...}; entries k >= count[c] are empty.
+  Entries of class c are rows c * K + [0, count[c]) of the [C * K, m] table (entries are
+  filled from slot 0 up, so the filled ones are always the first), which is the layout
+  `_sort_by_class` gives the batch's pixels: drawing from it needs no sort.
+  """
+  keys = lax.stop_gradient(jnp.asarray(bank['keys'])).astype(jnp.float32)
+  count = lax.stop_gradient(jnp.asarray(bank['count'])).astype(jnp.int32)
+  if keys.ndim != 3 or keys.shape[0] != num_classes or keys.shape[2] != m:
+    raise ValueError(f'bank keys must be [C, K, m] = [{num_classes}, K, {m}], got '
+                     f'{keys.shape}.')
+  if count.shape != (num_classes,):
+    raise ValueError(f'bank count must be [{num_classes}], got {count.shape}.')
+  size = keys.shape[1]
+  filled = jnp.arange(size) < count[:, None]
+  keys = jnp.where(filled[..., None], keys, 0.0)
+  sq = jnp.where(filled, jnp.sum(jnp.square(keys), axis=-1), 1.0)
+  inv_norm = lax.rsqrt(jnp.maximum(sq, _EPS * _EPS)).reshape(-1)
+  proto_unit = _unit(jnp.sum(keys, axis=1) / jnp.maximum(count, 1)[:, None])
+  order = jnp.arange(num_classes * size, dtype=jnp.int32)
+  offset = jnp.arange(num_classes, dtype=jnp.int32) * size
+  return keys.reshape(-1, m), inv_norm, proto_unit, order, count, offset
 
 
 def _per_query_negatives(key, q_unit, proto_unit, class_active, neg_cdf, neg_last, key_order,
@@ -389,15 +445,19 @@ def _per_query_negatives(key, q_unit, proto_unit, class_active, neg_cdf, neg_las
 
 
 def reco_loss_per_device(key, rep, labels, valid, prob, *, mesh, axis_name='data',
-                         average_prototypes=False, **loss_kwargs):
+                         average_prototypes=False, bank=None, **loss_kwargs):
   """ReCo loss sampled per device: the mean over devices of `reco_loss` on each batch slice.
 
   rep/labels/valid/prob are global arrays sharded (or shardable) on `axis_name` along the batch
   dimension, shapes as in `reco_loss`; key is replicated. Device i samples from its own slice
   with `fold_in(key, i)`; representations never leave their device. With average_prototypes,
   the class prototypes come from per-class sums and counts summed across devices (C x m
-  floats). Differentiable; call it inside jit.
+  floats). bank: optional replicated feature bank (see `reco_loss`), the key set of every
+  device. Differentiable; call it inside jit.
   """
+  if bank is not None and average_prototypes:
+    raise ValueError('average_prototypes has no effect with a bank: its prototypes already '
+                     'come from the replicated bank. Turn one of them off.')
   spec = jax.sharding.PartitionSpec(axis_name)
   num_classes = prob.shape[-1]
   devices = mesh.shape[axis_name]
@@ -405,15 +465,17 @@ def reco_loss_per_device(key, rep, labels, valid, prob, *, mesh, axis_name='data
     raise ValueError(f'batch {rep.shape[0]} is not divisible by the {devices} devices on mesh '
                      f'axis {axis_name!r}.')
 
-  def local(key, rep, labels, valid, prob):
+  def local(key, rep, labels, valid, prob, bank):
     device_key = jax.random.fold_in(key, lax.axis_index(axis_name))
     stats = None
     if average_prototypes:
       sums, counts = class_statistics(rep, labels, valid, num_classes)
       stats = (lax.psum(sums, axis_name), lax.psum(counts, axis_name))
-    loss = reco_loss(device_key, rep, labels, valid, prob, prototype_stats=stats, **loss_kwargs)
+    loss = reco_loss(device_key, rep, labels, valid, prob, prototype_stats=stats, bank=bank,
+                     **loss_kwargs)
     return lax.pmean(loss, axis_name)
 
+  replicated = jax.sharding.PartitionSpec()
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), spec, spec, spec, spec),
-      out_specs=jax.sharding.PartitionSpec())(key, rep, labels, valid, prob)
+      local, mesh=mesh, in_specs=(replicated, spec, spec, spec, spec, replicated),
+      out_specs=replicated)(key, rep, labels, valid, prob, bank)

@@ -100,10 +100,13 @@ def mean_teacher_targets(model_fn, state: state_lib.TrainState, unlabelled: dict
 
 
 def semi_losses(l_out, u_out, l_labels: jax.Array, targets, k_reco: jax.Array, *,
-                mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict):
+                mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict,
+                bank: dict | None = None):
   """Step 4: total loss and its parts from the two passes' (logits, rep or None).
 
-  l_labels: int32 [B, H, W]; targets: the mixed batch's (images, labels, confidence).
+  l_labels: int32 [B, H, W]; targets: the mixed batch's (images, labels, confidence);
+  bank: the ReCo feature bank or None (`reco_recipe.bank_of`); the parts then also hold the
+  updated bank.
   """
   (l_logits, l_rep), (u_logits, u_rep) = l_out, u_out
   _, m_labels, m_conf = targets
@@ -112,7 +115,7 @@ def semi_losses(l_out, u_out, l_labels: jax.Array, targets, k_reco: jax.Array, *
   unsup = segmentation.unsupervised_loss(
       common.upsample(u_logits, m_labels.shape[1:3]), m_labels, m_conf,
       strong_threshold=float(config.strong_threshold), ignore_label=names.VOID)
-  reco = jnp.zeros((), jnp.float32)
+  reco, extra = jnp.zeros((), jnp.float32), {}
   if config.reco:
     branches = [
         reco_recipe.labelled_branch(l_rep, l_logits, l_labels,
@@ -120,9 +123,11 @@ def semi_losses(l_out, u_out, l_labels: jax.Array, targets, k_reco: jax.Array, *
                                     strong_threshold=float(config.strong_threshold)),
         reco_recipe.pseudo_labelled_branch(u_rep, u_logits, m_labels, m_conf,
                                            weak_threshold=float(config.weak_threshold))]
-    reco = reco_recipe.reco_term(k_reco, branches, mesh=mesh, config=config)
+    reco = reco_recipe.reco_term(k_reco, branches, mesh=mesh, config=config, bank=bank)
+    if bank is not None:
+      reco, extra[reco_recipe.BANK] = reco
   loss = sup + unsup + reco
-  return loss, {'loss': loss, 'sup_loss': sup, 'unsup_loss': unsup, 'reco_loss': reco}
+  return loss, {'loss': loss, 'sup_loss': sup, 'unsup_loss': unsup, 'reco_loss': reco, **extra}
 
 
 def train_step(state: state_lib.TrainState, batch, key: jax.Array, *, model_fn,
@@ -134,10 +139,11 @@ def train_step(state: state_lib.TrainState, batch, key: jax.Array, *, model_fn,
                                                    k_mix, k_aug, config=config)
   student = functools.partial(common.student_pass, model_fn, keep_rep=config.reco)
   losses = functools.partial(semi_losses, l_labels=l_labels, targets=targets, k_reco=k_reco,
-                             mesh=mesh, config=config)
+                             mesh=mesh, config=config, bank=reco_recipe.bank_of(state, config))
   grads, batch_stats, parts = common.two_pass_grads(
       student, losses, state.params, state.batch_stats, l_images, targets[0],
       recompute=bool(config.recompute_labelled))
+  state, parts = reco_recipe.keep_bank(state, parts)
   state, update_metrics = common.apply_update(state, grads, batch_stats)
   # The teacher follows the updated student, with t = number of earlier updates.
   step, max_decay = state.step, float(config.ema_decay)
