@@ -16,6 +16,7 @@ import datetime
 import os
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 
@@ -112,7 +113,7 @@ def main():
   lines = [
       '# Contrastive pretraining on the toy',
       '',
-      f'`PYTHONPATH=. python benchmarks/pretraining.py{" --quick" * args.quick}` on '
+      f'`PYTHONPATH=. python benchmarks/pretraining.py {" ".join(sys.argv[1:])}` on '
       f'{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPU cores, load '
       f'{load:.1f} at the start; {total / 60:.0f} min in all.',
       '',

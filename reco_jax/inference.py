@@ -13,6 +13,7 @@ All window positions are static, so the jitted functions have fixed shapes: one 
 window inside a `lax.scan` (one compilation whatever the number of windows).
 """
 from collections.abc import Callable, Sequence
+import collections
 import functools
 import math
 
@@ -195,3 +196,28 @@ def preprocess(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
   x = tf.image.convert_image_dtype(tf.constant(image, tf.uint8), tf.float32)
   x, _ = pipeline.pad_to_size(x, None, int(size[0]), int(size[1]))
   return np.asarray(normalization.normalize(x), np.float32)
+
+
+def map_in_buckets(fn: Callable[[np.ndarray], np.ndarray], images: Sequence[np.ndarray],
+                   eval_size: Sequence[int], batch_size: int) -> list[np.ndarray]:
+  """fn over uint8 [h, w, 3] images in fixed-shape batches, each output cropped to its image.
+
+  Images are grouped by `bucket_size(size, eval_size)`, preprocessed (padded) to it and run
+  in batches of `batch_size` (the last one zero-padded); fn(float32 [batch_size, H, W, 3])
+  returns [batch_size, H, W, ...] per-pixel outputs. Returns [h, w, ...] per image, in order.
+  """
+  buckets = collections.defaultdict(list)
+  for i, image in enumerate(images):
+    buckets[bucket_size(image.shape[:2], eval_size)].append(i)
+  out = [None] * len(images)
+  for size, indices in buckets.items():
+    for start in range(0, len(indices), batch_size):
+      chunk = indices[start:start + batch_size]
+      batch = np.zeros((batch_size, *size, 3), np.float32)
+      for row, i in enumerate(chunk):
+        batch[row] = preprocess(images[i], size)
+      result = np.asarray(fn(batch))
+      for row, i in enumerate(chunk):
+        h, w = images[i].shape[:2]
+        out[i] = result[row, :h, :w]
+  return out

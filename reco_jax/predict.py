@@ -83,24 +83,12 @@ def predict_images(run: workdir_lib.Run, images: Sequence[np.ndarray], *,
   predict_fn = inference.make_predict_fn(run.model, mesh)
   variables = run.eval_variables()
   eval_size = tuple(run.config.eval_size)
-  buckets = collections.defaultdict(list)
   for i, image in enumerate(images):
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
       raise ValueError(f'Image {i} is {image.dtype} {image.shape}; expected uint8 [H, W, 3].')
-    buckets[inference.bucket_size(image.shape[:2], eval_size)].append(i)
-  out = [None] * len(images)
-  for size, indices in buckets.items():
-    for start in range(0, len(indices), batch_size):
-      chunk = indices[start:start + batch_size]
-      batch = np.zeros((batch_size, *size, 3), np.float32)
-      for row, i in enumerate(chunk):
-        batch[row] = inference.preprocess(images[i], size)
-      classes = predict_fn(variables, parallel.shard_batch(mesh, batch))
-      classes = np.asarray(jax.device_get(classes))
-      for row, i in enumerate(chunk):
-        h, w = images[i].shape[:2]
-        out[i] = classes[row, :h, :w]
-  return out
+  return inference.map_in_buckets(
+      lambda batch: jax.device_get(predict_fn(variables, parallel.shard_batch(mesh, batch))),
+      images, eval_size, batch_size)
 
 
 def write_prediction(out_dir: epath.Path, stem: str, image: np.ndarray, classes: np.ndarray,

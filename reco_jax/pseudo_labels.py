@@ -52,21 +52,8 @@ def predict_labels(model, variables, images, *, eval_size, batch_size: int,
   `batch_size` (the last one zero-padded), so there are few compiled shapes.
   """
   label_fn = make_label_fn(model, float(threshold))
-  out = [None] * len(images)
-  buckets = {}
-  for i, image in enumerate(images):
-    buckets.setdefault(inference.bucket_size(image.shape[:2], eval_size), []).append(i)
-  for size, indices in buckets.items():
-    for start in range(0, len(indices), batch_size):
-      chunk = indices[start:start + batch_size]
-      batch = np.zeros((batch_size, *size, 3), np.float32)
-      for row, i in enumerate(chunk):
-        batch[row] = inference.preprocess(images[i], size)
-      labels = np.asarray(jax.device_get(label_fn(variables, batch)))
-      for row, i in enumerate(chunk):
-        h, w = images[i].shape[:2]
-        out[i] = labels[row, :h, :w]
-  return out
+  return inference.map_in_buckets(lambda batch: jax.device_get(label_fn(variables, batch)),
+                                  images, eval_size, batch_size)
 
 
 def write(folder: str | epath.Path, config: ml_collections.ConfigDict, model, variables,
