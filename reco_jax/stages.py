@@ -85,11 +85,6 @@ def plan(config: ml_collections.ConfigDict) -> list[Stage]:
   return first + [labeller] + final
 
 
-def final_folder(config: ml_collections.ConfigDict) -> str:
-  """The folder of the stage whose model is the run's result ('' = the workdir)."""
-  return plan(config)[-1].folder
-
-
 def write_index(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """workdir/stages.json: the stages of a run of several, so tools find its final model."""
   plan_ = plan(config)
