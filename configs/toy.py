@@ -1,11 +1,12 @@
 """The built-in toy dataset: the whole system on a laptop CPU in a few minutes.
 
 `python -m reco_jax.main --config=configs/toy.py --workdir=/tmp/reco_toy` trains a tiny
-DeepLabV3+ (ResNet 'resnet_tiny' with heads of 64 channels) with ClassMix + ReCo from 50
-labelled images of `reco_toy` (generated on first use) for 1500 steps, and evaluates it on the
-200 validation images every 500 steps. What it takes and reaches: benchmarks/README.md.
+DeepLabV3+ (ResNet 'resnet_tiny' with heads of 64 channels) with ClassMix + ReCo from 30
+labelled images of `reco_toy` (texture classes, generated on first use) for 1500 steps, and
+evaluates it on the 500 validation images every 500 steps. What it takes and what each method
+reaches in this budget: benchmarks/results/label_efficiency.md.
 
-Arguments as the paper configs: labels=N (0 = all, default 50), partial=p0|p1|p5|p25,
+Arguments as the paper configs: labels=N (0 = all, default 30), partial=p0|p1|p5|p25,
 method=supervised|cutout|cutmix|classmix|s4gan|pseudo_label, reco=True|False, seed=S,
 backbone=deeplabv3p|deeplabv2, pretrain=none|within|cross, runlocal (a few steps on the
 48-image 'reco_toy/tiny').
@@ -19,12 +20,12 @@ def get_config(arg=None):
            scale_range=(0.75, 1.25), eval_size=(96, 96), batch_size=8, eval_batch_size=8,
            model=dict(backbone='resnet_tiny', rep_dim=32, aspp_dim=64, low_level_dim=32,
                       head_dim=64),
-           optimizer=dict(learning_rate=0.05),
+           optimizer=dict(learning_rate=0.1),
            # pretrain=within|cross: 500 pretraining steps on the decoder's 16x16 map.
-           pretrain_steps=500, pretrain_optimizer=dict(learning_rate=0.05),
+           pretrain_steps=500, pretrain_optimizer=dict(learning_rate=0.1),
            projection_dims=(64, 32), embedding_stride=4,
            num_queries=64, num_negatives=128, num_train_steps=1500, log_every_steps=50,
            eval_every_steps=500, checkpoint_every_steps=500,
            # S4GAN's self-training threshold: the authors' VOC value (the toy has none).
            s4gan_threshold=0.6),
-      arg, default_labels=50)
+      arg, default_labels=30)

@@ -39,6 +39,7 @@ from reco_jax import state as state_lib
 from reco_jax import steps
 from reco_jax import workdir as workdir_lib
 from reco_jax.data import base
+from reco_jax.data import toy
 from reco_jax.methods import contrastive_pretraining
 
 _DEEPLABV3P_ONLY = ('output_stride', 'aspp_dim', 'low_level_dim', 'head_dim')
@@ -673,6 +674,9 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
   if console.best is not None:
     console.say(f'Finished at step {total}: best eval mIoU {console.best[0]:.4f} at step '
                 f'{console.best[1]}; checkpoints in {workdir}.')
+    if not pretraining and (reference := toy.reference_line(config.dataset, config.labels,
+                                                            config.num_train_steps)):
+      console.say(reference)
   logging.info('Finished at step %d; parameter fingerprint of this process: %r', total,
                params_fingerprint(state.params))
   return state

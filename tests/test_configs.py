@@ -98,7 +98,7 @@ def test_toy_config_is_tiny_and_semi_supervised():
   assert set(c.keys()) == SCHEMA_FIELDS
   assert c.dataset == 'reco_toy' and c.num_classes == 9
   assert c.model.backbone == 'resnet_tiny' and c.model.rep_dim <= 64
-  assert c.method == 'classmix' and c.reco and c.labels == 50
+  assert c.method == 'classmix' and c.reco and c.labels == 30
   small = toy.get_config('runlocal')
   assert small.dataset == 'reco_toy/tiny' and small.num_train_steps < c.num_train_steps
 

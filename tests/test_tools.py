@@ -124,7 +124,7 @@ def test_evaluate_reproduces_the_training_time_evaluation(toy_run, loaded, tmp_p
   csv_path, _ = evaluate.write_outputs(result, tmp_path / 'eval.csv')
   assert csv_path.read_text().splitlines()[0] == 'class,iou,pixels,predicted'
   printed = evaluate.format_table(result)
-  assert 'checkered' in printed and 'mIoU' in printed
+  assert 'rings' in printed and 'mIoU' in printed
 
 
 def test_sliding_window_no_larger_than_image_equals_whole_image(loaded):

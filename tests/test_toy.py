@@ -1,4 +1,6 @@
 """The procedural `reco_toy` dataset."""
+import pathlib
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -26,7 +28,7 @@ def tiny(tmp_path_factory):
 def test_registered_with_configs():
   assert tfds.builder_cls('reco_toy') is toy.RecoToy
   default = toy.RecoToy.BUILDER_CONFIGS[0]
-  assert (default.name, default.num_train, default.num_validation) == ('default', 2000, 200)
+  assert (default.name, default.num_train, default.num_validation) == ('default', 2000, 500)
 
 
 def test_tiny_build_counts_sizes_and_metadata(tiny):
@@ -63,26 +65,57 @@ def test_two_builds_are_identical(tiny, tmp_path):
       np.testing.assert_array_equal(x['label'], y['label'])
 
 
-def test_class_coverage_rarity_and_uninformative_colour():
+def _class_pixels(count):
+  """Per class: images it occurs in, and the hues (HSV, in [0, 1)) of its pixels."""
   config = toy.RecoToyConfig(name='probe')
   counts = np.zeros(toy.NUM_CLASSES)
-  colour_sum = np.zeros((toy.NUM_CLASSES, 3))
-  pixels = np.zeros(toy.NUM_CLASSES)
-  for i in range(300):
+  hues = [[] for _ in range(toy.NUM_CLASSES)]
+  for i in range(count):
     ex = toy.example('train', i, config)
     counts[ex['classes']] += 1
     label = ex['label'][..., 0]
+    rgb = ex['image'].astype(np.float32) / 255
+    hue = _hue(rgb)
     for c in ex['classes']:
-      colour_sum[c] += ex['image'][label == c].sum(0) / 255
-      pixels[c] += (label == c).sum()
+      hues[c].append(hue[label == c])
+  return counts, [np.concatenate(h) for h in hues]
+
+
+def _hue(rgb):
+  """Hue in [0, 1) of [..., 3] RGB in [0, 1] (undefined grey pixels get 0)."""
+  mx, mn = rgb.max(-1), rgb.min(-1)
+  delta = np.maximum(mx - mn, 1e-6)
+  r, g, b = np.moveaxis(rgb, -1, 0)
+  hue = np.where(mx == r, (g - b) / delta % 6, np.where(mx == g, (b - r) / delta + 2,
+                                                          (r - g) / delta + 4))
+  return hue / 6
+
+
+def test_class_coverage_rarity_and_hue_bands():
+  counts, hues = _class_pixels(300)
   assert (counts > 0).all()  # every class occurs
   names = list(toy.CLASS_NAMES)
-  rare = counts[[names.index('cross'), names.index('checkered')]]
-  common = counts[[names.index(n) for n in ('disc', 'ring', 'square', 'diamond')]]
-  assert rare.max() < 0.5 * common.min()
-  # Random colours: every class has about the same mean colour, so colour alone cannot tell.
-  means = colour_sum / pixels[:, None]
-  assert np.abs(means - means.mean(0)).max() < 0.2  # fixed colours would give ~0.5
+  rare = counts[names.index('rings')]
+  common = counts[[names.index(n) for n in names[1:-1]]]
+  assert rare < 0.5 * common.min()
+  # Colour narrows a class down but does not decide it: each class's pixel hues centre on its
+  # own band (k / 8), and neighbouring classes' hue ranges overlap.
+  for k in range(1, toy.NUM_CLASSES):
+    offset = (hues[k] - (k - 1) / 8 + 0.5) % 1 - 0.5  # signed distance to the band centre
+    assert abs(np.median(offset)) < 0.03, (names[k], np.median(offset))
+    assert np.mean(np.abs(offset) < 0.15) > 0.8  # random hues would give 0.3
+    assert np.mean(np.abs(offset) > 1 / 16) > 0.05  # beyond half-way to a neighbour's centre
+
+
+def test_textures_tell_neighbouring_classes_apart():
+  """Same colours, period and frame: each texture gives a different two-tone pattern."""
+  yy, xx = np.mgrid[:48, :48].astype(np.float32) - 24
+  patterns = {name: toy._pattern(name, xx, yy, 8.0, np.random.default_rng(0))
+              for name in toy.CLASS_NAMES[1:]}
+  for a in patterns:
+    for b in patterns:
+      if a < b:
+        assert np.mean(patterns[a] != patterns[b]) > 0.1, (a, b)
 
 
 def test_examples_are_seeded_per_index():
@@ -92,3 +125,20 @@ def test_examples_are_seeded_per_index():
   assert a['image_id'] == 'validation_00003'
   c = toy.example('validation', 4, config)
   assert a['image'].shape != c['image'].shape or not np.array_equal(a['image'], c['image'])
+
+
+def test_console_reference_matches_the_results_file():
+  """The figures a toy run prints at its end are the benchmark's (results file, 3 seeds)."""
+  table = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'results' /
+           'label_efficiency.md').read_text()
+  rows = {line.split('|')[1].strip(): line.split('|')[2:] for line in table.splitlines()
+          if line.startswith('| ')}
+  for name, miou in toy.REFERENCE_MIOU[30]:
+    assert abs(float(rows[name][0].split()[0]) / 100 - miou) < 0.006, name
+  assert abs(float(rows['Supervised, all 2,000 labels'][0].split()[0]) / 100
+             - toy.REFERENCE_MIOU[0][0][1]) < 0.006
+  line = toy.reference_line('reco_toy', 30, toy.REFERENCE_STEPS)
+  assert 'Supervised' in line and 'all 2,000 labels' in line
+  assert toy.reference_line('reco_toy/tiny', 30, toy.REFERENCE_STEPS) is None
+  assert toy.reference_line('reco_toy', 30, 10) is None
+  assert toy.reference_line('reco_toy', 45, toy.REFERENCE_STEPS) is None

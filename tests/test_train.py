@@ -85,7 +85,7 @@ def test_end_to_end_writes_events_checkpoints_config_and_ids(full_run):
   assert int(state.step) == NUM_STEPS
   tags = event_tags(workdir)
   assert tags['eval/miou'] == [NUM_STEPS]
-  assert tags['eval/iou/background'] == [NUM_STEPS] and 'eval/iou/checkered' in tags
+  assert tags['eval/iou/background'] == [NUM_STEPS] and 'eval/iou/rings' in tags
   assert tags['train/loss'] == [1, 2, 3, 4]
   for name in ('sup_loss', 'unsup_loss', 'reco_loss', 'learning_rate', 'pseudo_confidence',
                'images_per_second'):

@@ -1,12 +1,17 @@
 """`reco_toy`: a small procedurally generated segmentation dataset that builds in seconds.
 
-Scenes of 1-4 overlapping objects on a textured background, at sizes between 64x64 and 96x96 so
-that evaluation padding is exercised. Object colours are random, so classes differ only by shape
-or texture, and some pairs are easily confused (disc/ring, square/diamond, striped/checkered);
-'cross' and 'checkered' are rare. A thin void (255) band separates regions, as in VOC.
+Scenes of 1-4 overlapping lobed blobs on a smooth greyish background, at sizes between 64x64
+and 96x96 so that evaluation padding is exercised. Each of the 8 object classes is a two-tone
+texture (stripes, waves, zigzag, checker, dots, grid, speckle, rings) of random period,
+orientation and shading, in a colour drawn from the class's own band of hues; neighbouring
+bands touch, so colour narrows a pixel down to two or three classes and the texture decides.
+Several pairs are easily confused (stripes/waves/zigzag, checker/grid/dots); 'rings' is rare.
+A thin void (255) band separates regions, as in VOC. The wide variation within each class
+(hue, period, orientation, shape, noise) is what a few labelled images do not cover.
 Every example is drawn from its own numpy generator seeded by (split, index): a build is
 reproducible bit for bit.
 """
+import colorsys
 import dataclasses
 
 import numpy as np
@@ -15,20 +20,30 @@ import tensorflow_datasets as tfds
 from reco_jax import names
 from reco_jax.data import base
 
-CLASS_NAMES = ('background', 'disc', 'ring', 'square', 'diamond', 'triangle', 'cross',
-               'striped', 'checkered')
+CLASS_NAMES = ('background', 'stripes', 'waves', 'zigzag', 'checker', 'dots', 'grid', 'speckle',
+               'rings')
 NUM_CLASSES = len(CLASS_NAMES)
 
 # Relative frequency of each object class (class ids 1..8) when an object is drawn.
-_OBJECT_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 0.8, 0.2, 0.8, 0.3])
+_OBJECT_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.25])
 _SPLIT_SEEDS = {'train': 1, 'validation': 2}
+_HUE_SPREAD = 0.1
+
+# What the README's main job budget (configs/toy.py) reaches per method, eval mIoU as the mean
+# of seeds 0-2, from benchmarks/results/label_efficiency.md; printed at the end of a toy run so
+# that its console says where the gain is. Keyed by labelled images (0 = all).
+REFERENCE_MIOU = {
+    30: (('Supervised', 0.251), ('ClassMix', 0.342), ('ReCo + ClassMix', 0.392)),
+    0: (('Supervised', 0.558),),
+}
+REFERENCE_STEPS = 1500  # configs/toy.py's num_train_steps, the budget of REFERENCE_MIOU
 
 
 @dataclasses.dataclass(eq=False)
 class RecoToyConfig(tfds.core.BuilderConfig):
   """Example counts and the range of image sides (height and width drawn independently)."""
   num_train: int = 2000
-  num_validation: int = 200
+  num_validation: int = 500
   min_size: int = 64
   max_size: int = 96
 
@@ -48,60 +63,60 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int)
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-  """[H, W, 3] float32 in [0, 1]: two random colours mixed by smooth noise and a faint grating."""
-  c0, c1 = rng.random(3), rng.random(3)
-  mix = _smooth_noise(rng, height, width, int(rng.integers(2, 6)))
-  yy, xx = np.mgrid[:height, :width].astype(np.float32)
-  angle = rng.uniform(0, np.pi)
-  period = rng.uniform(10, 30)
-  grating = 0.15 * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
-  mix = np.clip(mix + grating, 0, 1)[..., None]
+  """[H, W, 3] float32 in [0, 1]: two greyish colours mixed by smooth noise, no texture."""
+  c0 = 0.75 * rng.random() + 0.25 * rng.random(3)
+  c1 = 0.75 * rng.random() + 0.25 * rng.random(3)
+  mix = _smooth_noise(rng, height, width, int(rng.integers(2, 6)))[..., None]
   return (c0 * (1 - mix) + c1 * mix).astype(np.float32)
 
 
-def _object_mask(cls: int, u: np.ndarray, v: np.ndarray, r: float,
-                 rng: np.random.Generator) -> np.ndarray:
-  """Boolean mask of object class `cls` in its own rotated frame (u, v), radius `r` pixels."""
-  name = CLASS_NAMES[cls]
-  rho2 = u * u + v * v
-  if name == 'disc':
-    return rho2 <= r * r
-  if name == 'ring':
-    inner = r * rng.uniform(0.45, 0.7)
-    return (rho2 <= r * r) & (rho2 >= inner * inner)
-  if name in ('square', 'diamond'):  # the frame is turned by ~0 or ~45 degrees; see `_draw`
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.8 * r
-  if name == 'triangle':
-    inside = np.ones_like(u, bool)
-    for k in range(3):
-      a = 2 * np.pi * k / 3
-      inside &= u * np.cos(a) + v * np.sin(a) <= 0.5 * r
-    return inside
-  if name == 'cross':
-    arm = 0.3 * r
-    return (((np.abs(u) <= arm) & (np.abs(v) <= r)) | ((np.abs(v) <= arm) & (np.abs(u) <= r)))
-  # striped / checkered: ellipses told apart by their texture only.
-  aspect = rng.uniform(0.6, 1.0)
-  return (u / r) ** 2 + (v / (aspect * r)) ** 2 <= 1
-
-
-def _object_colour(cls: int, u: np.ndarray, v: np.ndarray, r: float,
-                   rng: np.random.Generator) -> np.ndarray:
-  """[H, W, 3] float32 object appearance: shaded random colour, or a two-colour texture."""
-  c0 = rng.random(3)
-  shade = 1 + 0.25 * (u * rng.normal() + v * rng.normal()) / (3 * r)
-  name = CLASS_NAMES[cls]
-  if name in ('striped', 'checkered'):
-    c1 = rng.random(3)
-    period = rng.uniform(4, 8)
-    if name == 'striped':
-      t = np.sin(2 * np.pi * u / period) > 0
+def _pattern(name: str, u: np.ndarray, v: np.ndarray, period: float,
+             rng: np.random.Generator) -> np.ndarray:
+  """Boolean [H, W]: where texture `name` takes its second tone, in the frame (u, v)."""
+  wave = lambda t: np.sin(2 * np.pi * t / period)
+  if name == 'stripes':
+    return wave(u) > 0
+  if name in ('waves', 'zigzag'):  # stripes bent by a sine or a triangle wave
+    amplitude, length = rng.uniform(0.3, 0.6) * period, rng.uniform(2.0, 3.5) * period
+    if name == 'waves':
+      bend = np.sin(2 * np.pi * v / length)
     else:
-      t = (np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * v / period)) > 0
-    colour = np.where(t[..., None], c0, c1)
-  else:
-    colour = np.broadcast_to(c0, u.shape + (3,))
-  return (colour * shade[..., None]).astype(np.float32)
+      bend = 4 * np.abs((v / length) % 1 - 0.5) - 1
+    return wave(u + amplitude * bend) > 0
+  if name == 'checker':
+    return wave(u) * wave(v) > 0
+  fu, fv = (u / period) % 1 - 0.5, (v / period) % 1 - 0.5
+  if name == 'dots':
+    return fu * fu + fv * fv < rng.uniform(0.06, 0.12)
+  if name == 'grid':
+    width = rng.uniform(0.12, 0.2)
+    return (np.abs(fu) < width) | (np.abs(fv) < width)
+  if name == 'speckle':
+    return rng.random(u.shape) < rng.uniform(0.3, 0.5)
+  if name == 'rings':
+    return wave(np.sqrt(u * u + v * v)) > 0
+  raise ValueError(f'Unknown toy texture {name!r}.')
+
+
+def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
+          r: float) -> np.ndarray:
+  """Boolean mask of a random lobed blob of mean radius `r` around (cy, cx)."""
+  angle = np.arctan2(yy - cy, xx - cx)
+  radius = r * np.ones_like(angle)
+  for lobes in (2, 3, 5):
+    radius += r * rng.uniform(0, 0.25) * np.sin(lobes * angle + rng.uniform(0, 2 * np.pi))
+  return np.hypot(yy - cy, xx - cx) <= radius
+
+
+def _object_colours(cls: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """The two tones of an object: a saturated colour of the class's hue band, and a darker one.
+
+  Class k's hues lie within +-`_HUE_SPREAD` (of the colour wheel) of k/8, so neighbouring
+  classes' bands touch and only the texture tells them apart near the band edges.
+  """
+  hue = ((cls - 1) / (NUM_CLASSES - 1) + rng.uniform(-_HUE_SPREAD, _HUE_SPREAD)) % 1
+  c0 = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1), rng.uniform(0.5, 1)))
+  return c0, c0 * rng.uniform(0.2, 0.6)
 
 
 def _void_border(label: np.ndarray) -> np.ndarray:
@@ -127,23 +142,34 @@ def render(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
   side = min(height, width)
   for _ in range(int(rng.integers(1, 5))):
     cls = int(rng.choice(NUM_CLASSES - 1, p=_OBJECT_WEIGHTS / _OBJECT_WEIGHTS.sum())) + 1
-    r = rng.uniform(0.12, 0.28) * side
-    cy, cx = rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width
-    if CLASS_NAMES[cls] == 'square':
-      angle = np.deg2rad(rng.uniform(-15, 15))
-    elif CLASS_NAMES[cls] == 'diamond':
-      angle = np.deg2rad(45 + rng.uniform(-15, 15))
-    else:
-      angle = rng.uniform(0, 2 * np.pi)
+    r = rng.uniform(0.15, 0.32) * side
+    cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
+    mask = _blob(rng, yy, xx, cy, cx, r)
+    angle = rng.uniform(0, np.pi)
     u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
     v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-    mask = _object_mask(cls, u, v, r, rng)
-    colour = _object_colour(cls, u, v, r, rng)
+    tone = _pattern(CLASS_NAMES[cls], u, v, rng.uniform(6, 12), rng)[..., None]
+    c0, c1 = _object_colours(cls, rng)
+    shade = 1 + 0.25 * (u * rng.normal() + v * rng.normal()) / (3 * r)
+    colour = np.where(tone, c1, c0) * shade[..., None]
     image = np.where(mask[..., None], colour, image)  # later objects occlude earlier ones
     label[mask] = cls
   image = image + rng.normal(0, rng.uniform(0.02, 0.08), image.shape)
   image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
   return image, _void_border(label)
+
+
+def reference_line(dataset: str, labels: int, num_train_steps: int) -> str | None:
+  """The benchmark's figures for a full-toy run of the reference budget, as a console line."""
+  if (dataset != 'reco_toy' or labels not in REFERENCE_MIOU
+      or num_train_steps != REFERENCE_STEPS):
+    return None
+  figures = lambda n: ', '.join(f'{name} {miou:.2f}' for name, miou in REFERENCE_MIOU[n])
+  text = f'The toy at {labels} labels in this budget reaches (mean of 3 seeds, ' \
+         f'benchmarks/results/label_efficiency.md): {figures(labels)}'
+  if labels:
+    text += f'; all 2,000 labels, {figures(0)}'
+  return text + '.'
 
 
 def example(split: str, index: int, config: RecoToyConfig) -> dict:
@@ -155,14 +181,16 @@ def example(split: str, index: int, config: RecoToyConfig) -> dict:
 
 
 class RecoToy(base.SegmentationBuilder):
-  """Procedural shapes-and-textures segmentation: 8 object classes + background."""
+  """Procedural texture segmentation: 8 object classes + background."""
 
   BUILDER_CONFIGS = [
-      RecoToyConfig(name='default', description='2000 train / 200 validation images.'),
+      RecoToyConfig(name='default', description='2000 train / 500 validation images.'),
       RecoToyConfig(name='tiny', description='48 train / 12 validation images, for tests.',
                     num_train=48, num_validation=12),
   ]
 
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Shapes and textures.', '2.0.0': 'Texture classes.'}
   CLASS_NAMES = CLASS_NAMES
   DESCRIPTION = __doc__
 
