@@ -215,7 +215,7 @@ def main():
   scores = {}
   for run in runs:
     scores.setdefault((run.method.key, run.labels), []).append(score(root / run.name, args.last))
-  methods = [m for m in (*CORE, *(m for p in parts if p in EXTRA for m in EXTRA[p]))]
+  methods = [*CORE, *(m for p in parts if p in EXTRA for m in EXTRA[p])]
   budgets = args.budgets
   lines = [
       '# Label efficiency on the toy',

@@ -1,10 +1,12 @@
 """The procedural `reco_toy` dataset."""
 import pathlib
 
+import matplotlib.colors
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import toy as toy_config
 from reco_jax.data import base
 from reco_jax.data import toy
 
@@ -75,20 +77,10 @@ def _class_pixels(count):
     counts[ex['classes']] += 1
     label = ex['label'][..., 0]
     rgb = ex['image'].astype(np.float32) / 255
-    hue = _hue(rgb)
+    hue = matplotlib.colors.rgb_to_hsv(rgb)[..., 0]
     for c in ex['classes']:
       hues[c].append(hue[label == c])
   return counts, [np.concatenate(h) for h in hues]
-
-
-def _hue(rgb):
-  """Hue in [0, 1) of [..., 3] RGB in [0, 1] (undefined grey pixels get 0)."""
-  mx, mn = rgb.max(-1), rgb.min(-1)
-  delta = np.maximum(mx - mn, 1e-6)
-  r, g, b = np.moveaxis(rgb, -1, 0)
-  hue = np.where(mx == r, (g - b) / delta % 6, np.where(mx == g, (b - r) / delta + 2,
-                                                          (r - g) / delta + 4))
-  return hue / 6
 
 
 def test_class_coverage_rarity_and_hue_bands():
@@ -137,6 +129,7 @@ def test_console_reference_matches_the_results_file():
     assert abs(float(rows[name][0].split()[0]) / 100 - miou) < 0.006, name
   assert abs(float(rows['Supervised, all 2,000 labels'][0].split()[0]) / 100
              - toy.REFERENCE_MIOU[0][0][1]) < 0.006
+  assert toy_config.get_config().num_train_steps == toy.REFERENCE_STEPS  # the same budget
   line = toy.reference_line('reco_toy', 30, toy.REFERENCE_STEPS)
   assert 'Supervised' in line and 'all 2,000 labels' in line
   assert toy.reference_line('reco_toy/tiny', 30, toy.REFERENCE_STEPS) is None

@@ -165,11 +165,12 @@ def reference_line(dataset: str, labels: int, num_train_steps: int) -> str | Non
       or num_train_steps != REFERENCE_STEPS):
     return None
   figures = lambda n: ', '.join(f'{name} {miou:.2f}' for name, miou in REFERENCE_MIOU[n])
-  budget = f'{labels} labels' if labels else 'all 2,000 labels'
+  every = f'all {RecoToyConfig.num_train:,} labels'
+  budget = f'{labels} labels' if labels else every
   text = (f'The toy with {budget} in this budget reaches (mean of 3 seeds, '
           f'benchmarks/results/label_efficiency.md): {figures(labels)}')
   if labels:
-    text += f'; all 2,000 labels, {figures(0)}'
+    text += f'; {every}, {figures(0)}'
   return text + '.'
 
 
