@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is imported
+from configs import toy as toy_config  # pylint: disable=g-import-not-at-top
 from reco_jax import results  # pylint: disable=g-import-not-at-top
 from reco_jax.data import base
 
@@ -64,6 +65,9 @@ EXTRA = {
                'method=classmix,reco=True', ('--config.key_mode=random',))),
 }
 PARTS = ('core', 'all', *EXTRA)
+# The runs evaluate twice as often as the main job, so that the mean of their last evaluations
+# is taken near the end of the schedule.
+EVAL_EVERY = 250
 ALL_LABELS = Method('Supervised, all 2,000 labels', 'supervised_all', 'method=supervised,reco=False')
 
 
@@ -81,7 +85,8 @@ class Run:
 def _command(run: Run, root: pathlib.Path, data_dir: str) -> list[str]:
   command = [sys.executable, '-m', 'reco_jax.main',
              f'--config=configs/toy.py:labels={run.labels},seed={run.seed},{run.method.arg}',
-             f'--workdir={root / run.name}', *run.method.flags]
+             f'--workdir={root / run.name}', f'--config.eval_every_steps={EVAL_EVERY}',
+             *run.method.flags]
   if data_dir:
     command.append(f'--config.data_dir={data_dir}')
   return command
@@ -164,8 +169,9 @@ def main():
   parser.add_argument('--budgets', type=int, nargs='+', default=[30, 100])
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--parts', default=','.join(PARTS),
-                      help=f'comma-separated parts of the grid: {", ".join(PARTS)} (the extras '
-                      'and the ablation run at the first budget; all = supervised on every label)')
+                      help=f'comma-separated parts of the grid, run in this order: '
+                      f'{", ".join(PARTS)} (the extras and the ablation run at the first budget; '
+                      'all = supervised on every label)')
   parser.add_argument('--last', type=int, default=2, help='evaluations averaged per run')
   parser.add_argument('--jobs', type=int, default=1,
                       help='runs at a time, each pinned to its own share of the CPU cores')
@@ -181,14 +187,14 @@ def main():
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix='label_efficiency_'))
   root.mkdir(parents=True, exist_ok=True)
 
-  runs = []
-  if 'core' in parts:
-    runs += [Run(m, b, s) for b in args.budgets for s in args.seeds for m in CORE]
+  runs = []  # in the order of --parts
   for part in parts:
-    if part in EXTRA:
+    if part == 'core':
+      runs += [Run(m, b, s) for b in args.budgets for s in args.seeds for m in CORE]
+    elif part == 'all':
+      runs += [Run(ALL_LABELS, 0, s) for s in args.seeds]
+    else:
       runs += [Run(m, args.budgets[0], s) for s in args.seeds for m in EXTRA[part]]
-  if 'all' in parts:
-    runs += [Run(ALL_LABELS, 0, s) for s in args.seeds]
 
   base.prepare('reco_toy', args.data_dir or None)  # once, before parallel runs read it
   cores = sorted(os.sched_getaffinity(0))
@@ -216,6 +222,7 @@ def main():
   for run in runs:
     scores.setdefault((run.method.key, run.labels), []).append(score(root / run.name, args.last))
   methods = [*CORE, *(m for p in parts if p in EXTRA for m in EXTRA[p])]
+  toy = toy_config.get_config()
   budgets = args.budgets
   lines = [
       '# Label efficiency on the toy',
@@ -227,9 +234,11 @@ def main():
       f'min; {total / 60:.0f} min of wall time in this invocation, finished runs are reused).',
       '',
       'Each run is the README main job with the row\'s method and budget '
-      '(`python -m reco_jax.main --config=configs/toy.py:labels=N,seed=S,...`). Eval mIoU '
+      '(`python -m reco_jax.main --config=configs/toy.py:labels=N,seed=S,...`), evaluated '
+      f'every {EVAL_EVERY} steps instead of {toy.eval_every_steps}. Eval mIoU '
       f'(%) on the 500 validation images, the mean of the last {args.last} evaluations of a '
-      f'run; mean and range over seeds {args.seeds}. Noise reduction: a 500-image validation '
+      f'run (of {toy.num_train_steps} steps); mean '
+      f'and range over seeds {args.seeds}. Noise reduction: a 500-image validation '
       'split, the mean of the last evaluations, and paired seeds (one seed gives every method '
       'the same labelled subset; per-seed differences below).',
       '',

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -63,6 +64,7 @@ class RunResult:
   miou: dict[int, float]
   split: str = ''  # config.split: '' or 'pseudoseg' (Table 2)
   pretrain: str = 'none'  # config.pretrain: contrastive pretraining (Zhao et al.)
+  variant: str = ''  # the ablation switches that differ from the paper's method, e.g. 'random keys'
 
   @property
   def finished(self) -> bool:
@@ -77,18 +79,19 @@ class RunResult:
     return self.miou[max(self.miou)] if self.miou else None
 
   @property
-  def row(self) -> tuple[int, int, bool]:
-    """Sort key and identity of the table row: (method order, pretraining, ReCo)."""
+  def row(self) -> tuple[int, int, bool, str]:
+    """Sort key and identity of the table row: (method order, pretraining, ReCo, variant)."""
     order = METHODS.index(self.method) if self.method in METHODS else len(METHODS)
     pretrain = names.PRETRAINS.index(self.pretrain) if self.pretrain in names.PRETRAINS else 9
-    return order, pretrain, self.reco
+    return order, pretrain, self.reco, self.variant
 
   @property
   def row_name(self) -> str:
     name = METHOD_NAMES.get(self.method, self.method)
     if self.pretrain != 'none':
       name = f'{name}, {self.pretrain}-image pretraining'
-    return f'ReCo + {name}' if self.reco else name
+    name = f'ReCo + {name}' if self.reco else name
+    return f'{name}, {self.variant}' if self.variant else name
 
   @property
   def column(self) -> tuple[int, int | str]:
@@ -227,7 +230,22 @@ def load_result(workdir: str | epath.Path) -> RunResult:
       method=str(config['method']), reco=bool(config['reco']), seed=int(config['seed']),
       num_train_steps=int(config['num_train_steps']), last_step=last,
       miou=scalars[MIOU_TAG], split=str(config.get('split', '') or ''),
-      pretrain=str(config.get('pretrain', 'none')))
+      pretrain=str(config.get('pretrain', 'none')), variant=_variant(config))
+
+
+def _variant(config: dict[str, Any]) -> str:
+  """The ablation switches of Table 4, Fig. 7c and section 4.4 that a run changes, in words."""
+  words = []
+  if config['reco']:
+    if config.get('query_mode', 'hard') != 'hard':
+      words.append(f"{config['query_mode']} queries")
+    if config.get('key_mode', 'active') != 'active':
+      words.append(f"{config['key_mode']} keys")
+    if config.get('reco_bank_size', 0):
+      words.append(f"a bank of {config['reco_bank_size']} keys per class")
+  if float(config.get('unlabelled_fraction', 1.0)) != 1.0:
+    words.append(f"{float(config['unlabelled_fraction']):.0%} of the unlabelled images")
+  return ', '.join(words)
 
 
 @dataclasses.dataclass

@@ -75,16 +75,55 @@ def test_sweep_prints_table2_pseudoseg_grid():
   assert {k[1] for k in cells} == {'supervised', 'classmix'}  # no S4GAN in Table 2
 
 
+def test_sweep_prints_table4_and_fig7_grids():
+  lines = _sweep('--tables=4,7c,7d', '--datasets=cityscapes')
+  cells = collections.Counter()
+  for line in lines:
+    path, args = _config_args(line)
+    assert pathlib.Path(path).stem == 'cityscapes' and args['labels'] == '20'  # fewest labels
+    flags = tuple(w for w in line.split() if w.startswith('--config.'))
+    workdir = line.split('--workdir=')[1].split()[0]
+    cells[args['method'], args['reco'], args.get('unlabelled_fraction', '1'), flags] += 1
+    if (args['method'], args['reco']) in (('classmix', 'True'), ('supervised', 'False'),
+                                           ('classmix', 'False'), ('s4gan', 'False')) and (
+                                               not flags and 'unlabelled_fraction' not in args):
+      assert '/table1/cityscapes/20/' in workdir  # Table 1's own run, not a copy
+    else:
+      assert '/table4/' in workdir or '/fig7' in workdir
+  assert set(cells.values()) == {3}  # every cell once per seed, shared cells listed once
+  # Table 4: the unablated row and the three sampling switches.
+  for flag in ('--config.query_mode=random', '--config.query_mode=easy',
+               '--config.key_mode=random'):
+    assert cells['classmix', 'True', '1', (flag,)] == 3
+  # Fig. 7c: the fractions of the unlabelled images.
+  assert {k[2] for k in cells} == {'0.25', '0.5', '0.75', '1'}
+  # Fig. 7d: every base with and without ReCo.
+  bases = {(m, r) for m, r, f, flags in cells if f == '1' and not flags}
+  assert bases == {(m, r) for m in ('supervised', 'cutout', 'cutmix', 'classmix', 's4gan')
+                   for r in ('False', 'True')}
+  assert len(lines) == 3 * (4 + 3 + 10 - 1)  # the unablated ReCo + ClassMix is in all three
+
+
+def test_sweep_rejects_unknown_tables():
+  out = subprocess.run([sys.executable, str(SWEEP), '--dry-run', '--tables=1,5'],
+                       capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 2 and "unknown tables ['5']" in out.stderr
+
+
 def test_sweep_commands_resolve_to_valid_configs():
   from configs import cityscapes, sun, voc  # noqa: F401
   modules = {'voc': voc, 'cityscapes': cityscapes, 'sun': sun}
   lines = _sweep()
-  assert len(lines) == 126 + 4 * 3 * 3 + 24
+  # Tables 1, 2, 3, then per dataset the new cells of Table 4, Fig. 7c and Fig. 7d.
+  assert len(lines) == 126 + 4 * 3 * 3 + 24 + 3 * (3 + 3 + 6) * 3
   workdirs = set()
   for line in lines:
     path, _ = _config_args(line)
     arg = line.split('--config=')[1].split()[0].split(':', 1)[1]
     c = modules[pathlib.Path(path).stem].get_config(arg)
+    for flag in (w for w in line.split() if w.startswith('--config.')):
+      key, value = flag[len('--config.'):].split('=')
+      assert key in c and value in ('random', 'easy'), flag
     assert c.batch_size in (2, 4, 5, 10, 20)
     workdirs.add(line.split('--workdir=')[1].split()[0])
   assert len(workdirs) == len(lines)

@@ -319,13 +319,14 @@ def _sweep_module():
 
 
 def fake_run(workdir, *, labels, method, reco, seed, miou, steps_done, total=40000,
-             dataset='reco_voc', partial='', split=''):
+             dataset='reco_voc', partial='', split='', **switches):
   """A workdir as the trainer leaves it: config.json and CLU event files."""
   from clu import metric_writers
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True)
   config = dict(dataset=dataset, labels=labels, partial=partial, method=method, reco=reco,
-                seed=seed, num_train_steps=total, model=dict(name='deeplabv3p'), split=split)
+                seed=seed, num_train_steps=total, model=dict(name='deeplabv3p'), split=split,
+                **switches)
   (workdir / 'config.json').write_text(json.dumps(config))
   writer = metric_writers.create_default_writer(str(workdir), asynchronous=False)
   for step, value in miou.items():
@@ -349,6 +350,26 @@ def test_results_put_the_pseudoseg_partition_in_a_table_of_its_own(tmp_path):
   assert sorted(r.seed for r in table2.runs['ReCo + ClassMix', '92 labels']) == [0, 1]
   assert table2.cell('ReCo + ClassMix', '92 labels', 'final').values == pytest.approx(
       [0.70, 0.74])
+
+
+def test_results_name_ablation_rows_by_their_switches(tmp_path):
+  sweep = _sweep_module()
+  grid = sweep.runs(['4', '7c'], ['cityscapes'], [0])
+  for i, run in enumerate(grid):
+    switches = dict(kv.split('=') for kv in run.config_arg.split(','))
+    switches.update(f[len('--config.'):].split('=') for f in run.flags)
+    fake_run(tmp_path / run.subdir, labels=20, method='classmix', reco=True, seed=0,
+             miou={40000: i / 10}, steps_done=40000, dataset='reco_cityscapes',
+             **{k: switches[k] for k in ('query_mode', 'key_mode') if k in switches},
+             unlabelled_fraction=float(switches.get('unlabelled_fraction', 1)))
+  runs = results.find_runs([str(tmp_path)])
+  [table] = results.make_tables([results.load_result(r) for r in runs])
+  assert sorted(table.rows) == sorted([
+      'ReCo + ClassMix', 'ReCo + ClassMix, random queries', 'ReCo + ClassMix, easy queries',
+      'ReCo + ClassMix, random keys', 'ReCo + ClassMix, 25% of the unlabelled images',
+      'ReCo + ClassMix, 50% of the unlabelled images',
+      'ReCo + ClassMix, 75% of the unlabelled images'])
+  assert all(len(runs) == 1 for runs in table.runs.values())  # every cell its own run
 
 
 def test_results_table_means_ranges_and_unfinished_runs(tmp_path):
