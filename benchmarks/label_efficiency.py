@@ -126,8 +126,13 @@ def score(workdir: pathlib.Path, last: int) -> float:
 
 
 def _shown(argv: list[str]) -> list[str]:
-  """The command-line arguments without the machine's own paths."""
-  return [a for a in argv if not a.startswith(('--data_dir', '--workdir'))]
+  """The command-line arguments without the machine's own paths (after `=` or a space)."""
+  shown, skip = [], False
+  for a in argv:
+    if not skip and not a.startswith(('--data_dir', '--workdir')):
+      shown.append(a)
+    skip = a in ('--data_dir', '--workdir')
+  return shown
 
 
 def _cell(values) -> str:

@@ -2,7 +2,7 @@
 
 `python -m reco_jax.main --config=configs/toy.py --workdir=/tmp/reco_toy` trains a tiny
 DeepLabV3+ (ResNet 'resnet_tiny' with heads of 64 channels) with ClassMix + ReCo from 30
-labelled images of `reco_toy` (texture classes, generated on first use) for 1500 steps, and
+labelled images of `reco_toy` (texture classes, generated on first use) for 2000 steps, and
 evaluates it on the 500 validation images every 500 steps. What it takes and what each method
 reaches in this budget: benchmarks/results/label_efficiency.md.
 
@@ -24,7 +24,7 @@ def get_config(arg=None):
            # pretrain=within|cross: 500 pretraining steps on the decoder's 16x16 map.
            pretrain_steps=500, pretrain_optimizer=dict(learning_rate=0.1),
            projection_dims=(64, 32), embedding_stride=4,
-           num_queries=64, num_negatives=128, num_train_steps=1500, log_every_steps=50,
+           num_queries=64, num_negatives=128, num_train_steps=2000, log_every_steps=50,
            eval_every_steps=500, checkpoint_every_steps=500,
            # S4GAN's self-training threshold: the authors' VOC value (the toy has none).
            s4gan_threshold=0.6),

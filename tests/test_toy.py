@@ -123,12 +123,17 @@ def test_console_reference_matches_the_results_file():
   """The figures a toy run prints at its end are the benchmark's (results file, 3 seeds)."""
   table = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'results' /
            'label_efficiency.md').read_text()
-  rows = {line.split('|')[1].strip(): line.split('|')[2:] for line in table.splitlines()
-          if line.startswith('| ')}
-  for name, miou in toy.REFERENCE_MIOU[30]:
-    assert abs(float(rows[name][0].split()[0]) / 100 - miou) < 0.006, name
-  assert abs(float(rows['Supervised, all 2,000 labels'][0].split()[0]) / 100
-             - toy.REFERENCE_MIOU[0][0][1]) < 0.006
+  head, *body = [[cell.strip() for cell in line.split('|')[1:-1]]
+                  for line in table.splitlines() if line.startswith('| ')]
+  rows = {row[0]: row[1:] for row in body}
+  assert set(toy.REFERENCE_MIOU) == {0} | {int(c.split()[0]) for c in head[1:]}
+  for labels, figures in toy.REFERENCE_MIOU.items():
+    for name, miou in figures:
+      if labels:
+        cell = rows[name][head.index(f'{labels} labels') - 1]
+      else:
+        name, cell = 'Supervised, all 2,000 labels', rows['Supervised, all 2,000 labels'][0]
+      assert abs(float(cell.split()[0]) / 100 - miou) < 0.0006, (labels, name)
   assert toy_config.get_config().num_train_steps == toy.REFERENCE_STEPS  # the same budget
   line = toy.reference_line('reco_toy', 30, toy.REFERENCE_STEPS)
   assert 'Supervised' in line and 'all 2,000 labels' in line
