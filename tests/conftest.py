@@ -3,6 +3,12 @@ import contextlib
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Unoptimised CPU code generation: the tests' programs are compiled far more than they are run.
+# It leaves XLA's HLO passes, and so buffer assignment and memory analysis, as they are.
+# Subprocesses (the entry point, two-process runs) inherit it.
+os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
+                                    '--xla_backend_optimization_level=0',
+                                    '--xla_llvm_disable_expensive_passes=true']).strip()
 
 import jax  # noqa: E402
 

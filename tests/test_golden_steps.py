@@ -34,7 +34,6 @@ from reco_jax.models import deeplab
 GOLDEN = pathlib.Path(__file__).with_name('golden_steps.json')
 WRITE = bool(os.environ.get('RECO_JAX_WRITE_GOLDEN'))
 NUM_CLASSES, SIZE, BATCH, NUM_STEPS = 3, 33, 4, 3
-FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 # (method, reco, partial, recompute_labelled, devices): each method with and without ReCo, with
 # full and partial labels; the recomputed labelled pass with and without ReCo; 1 and 4 devices.
@@ -119,8 +118,7 @@ def run_case(model, initial, case):
   state = state.replace(tx=state_lib.make_optimizer(config))
   batch = parallel.shard_batch(mesh, golden_batch(bool(case[2]), case[0] == 'supervised'))
   key = jax.random.key(7)
-  step = steps.make_train_step(config, model, mesh).lower(state, batch, key).compile(
-      FAST_COMPILE)
+  step = steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
   history = []
   for _ in range(NUM_STEPS):
     state, metrics = step(state, batch, key)

@@ -9,7 +9,7 @@ from reco_jax.methods import common
 from reco_jax.losses import reco as reco_lib
 from reco_jax.models import resize
 # The fixtures `model` and `initial_state` are shared with the step tests.
-from test_steps import (BATCH, FAST_COMPILE, compile_step, initial_state, make_batch,  # noqa: F401
+from test_steps import (BATCH, compile_step, initial_state, make_batch,  # noqa: F401
                         max_abs_diff, model, tiny_config)
 
 
@@ -99,8 +99,7 @@ def test_reco_on_four_devices_is_the_per_device_loss_computed_on_one(model, init
                                num_negatives=config.num_negatives)
     return jnp.mean(jnp.stack(losses)), whole
 
-  want, whole = jax.jit(per_device_on_one).lower(params, batch_stats).compile(FAST_COMPILE)(
-      params, batch_stats)
+  want, whole = jax.jit(per_device_on_one)(params, batch_stats)
   assert float(metrics['reco_loss']) == pytest.approx(float(want), rel=1e-4)
   # Sampling from the whole batch at once would be another estimate.
   assert abs(float(whole) - float(want)) > 1e-4

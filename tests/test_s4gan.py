@@ -31,7 +31,6 @@ from reco_jax.models import discriminator as discriminator_lib
 from test_train import event_tags, host, tiny_config as toy_run_config, toy_data_dir  # noqa: F401
 
 NUM_CLASSES, SIZE, BATCH = 3, 16, 4
-FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 class TinySegNet(nn.Module):
@@ -66,11 +65,6 @@ def make_batch(seed=0):
           'unlabelled': {'image': images[2 * BATCH:]}}
 
 
-def fast_jit(fn, *args):
-  """fn(*args), jitted and compiled cheaply (the values checked do not depend on it)."""
-  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-
 @functools.cache
 def initial_state():
   config = s4gan_config()
@@ -89,7 +83,7 @@ def compiled_step(config, mesh, state, batch, key):
   cache_key = (config.to_json(), mesh.size)
   if cache_key not in _COMPILED:
     _COMPILED[cache_key] = steps.make_train_step(config, TinySegNet(), mesh).lower(
-        state, batch, key).compile(FAST_COMPILE)
+        state, batch, key).compile()
   return _COMPILED[cache_key]
 
 
@@ -109,15 +103,15 @@ def log_softmax(x):
 def test_discriminator_scores_pools_and_drops_whole_channels():
   d = discriminator_lib.Discriminator()
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, NUM_CLASSES + 3))
-  params = fast_jit(functools.partial(d.init, train=False), jax.random.key(1), x)['params']
+  params = jax.jit(functools.partial(d.init, train=False))(jax.random.key(1), x)['params']
   assert [params[f'conv{i}']['kernel'].shape for i in (1, 2, 3, 4)] == [
       (4, 4, 6, 64), (4, 4, 64, 128), (4, 4, 128, 256), (4, 4, 256, 512)]
   assert params['fc']['kernel'].shape == (512, 1)
 
   def run(train, key):
-    return fast_jit(lambda p, k: d.apply({'params': p}, x, train=train, rngs={'dropout': k},
-                                         capture_intermediates=True, mutable=['intermediates']),
-                    params, key)
+    return jax.jit(lambda p, k: d.apply({'params': p}, x, train=train, rngs={'dropout': k},
+                                        capture_intermediates=True, mutable=['intermediates']))(
+        params, key)
 
   out, inter = run(False, jax.random.key(2))
   assert out.score.shape == (2,) and out.logit.shape == (2,) and out.features.shape == (2, 512)
@@ -228,7 +222,7 @@ def test_discriminator_loss_is_bce_and_passes_no_gradient_to_the_student():
     real_out = s4gan.discriminate(d, real, keys[1])
     return jax.value_and_grad(loss_fn, argnums=(0, 1))(student, d), fake_out, real_out
 
-  (loss, (g_student, g_d)), fake_out, real_out = fast_jit(run, init.params, d_params)
+  (loss, (g_student, g_d)), fake_out, real_out = jax.jit(run)(init.params, d_params)
   p_fake, p_real = (np.asarray(o.score, np.float64) for o in (fake_out, real_out))
   assert float(loss) == pytest.approx(
       (-np.log(1 - p_fake).mean() - np.log(p_real).mean()) / 2, rel=1e-5)
@@ -281,7 +275,7 @@ def test_step_updates_each_network_with_its_own_loss():
   state = state_on(mesh)
   batch = parallel.shard_batch(mesh, make_batch())
   key = jax.random.key(7)
-  want = fast_jit(functools.partial(composed_step, config), state, batch, key)
+  want = jax.jit(functools.partial(composed_step, config))(state, batch, key)
   before = jax.tree.map(np.asarray, state)
   step = compiled_step(config, mesh, state, batch, key)
   new, metrics = step(state, batch, key)
@@ -364,7 +358,7 @@ def test_reco_adds_the_labelled_pass_and_the_self_trained_images():
     return loss, parts, want, alone
 
   for step in (0, 1):
-    loss, parts, want, alone = fast_jit(both, jnp.asarray(step))
+    loss, parts, want, alone = jax.jit(both)(jnp.asarray(step))
     reco = float(parts['reco_loss'])
     assert reco > 0 and float(loss) == pytest.approx(
         float(parts['sup_loss']) + 0.1 * float(parts['fm_loss']) +

@@ -25,7 +25,6 @@ from reco_jax.semi import rescale
 NUM_CLASSES = 3
 SIZE = 33
 BATCH = 4
-FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -78,7 +77,7 @@ def compile_step(config, model, mesh, state, batch, key):
                jax.tree.structure((state, batch)))
   if cache_key not in _COMPILED:
     _COMPILED[cache_key] = steps.make_train_step(config, model, mesh).lower(
-        state, batch, key).compile(FAST_COMPILE)
+        state, batch, key).compile()
   return _COMPILED[cache_key]
 
 
@@ -270,8 +269,7 @@ def test_semi_step_is_the_composition_of_its_public_pieces(mesh, model, state):
     return (new.params, stats, ema, t_stats, {**metrics, **parts, **update_metrics}, targets,
             sup_one, upd_one['batch_stats'])
 
-  (params, stats, ema, t_stats, want, targets, sup_one, stats_one) = jax.jit(
-      composed).lower(state).compile(FAST_COMPILE)(state)
+  (params, stats, ema, t_stats, want, targets, sup_one, stats_one) = jax.jit(composed)(state)
   step = compile_step(config, model, mesh, state, batch, key)
   new_state, metrics = step(state, batch, key)
 
@@ -315,8 +313,7 @@ def test_mean_teacher_targets_rescale_mix_and_augment_the_teachers_labels(model,
     want = (augment.strong_augment(k_aug, *mixed), t_upd['batch_stats'], conf.mean())
     return got, want, scaled[0]
 
-  (targets, t_stats, metrics), (w_targets, w_stats, w_conf), scaled = jax.jit(
-      both).lower(state).compile(FAST_COMPILE)(state)
+  (targets, t_stats, metrics), (w_targets, w_stats, w_conf), scaled = jax.jit(both)(state)
   leaves_close(targets, w_targets, rtol=1e-5, atol=1e-6)
   leaves_close(t_stats, w_stats, rtol=1e-5, atol=1e-6)
   assert float(metrics['pseudo_confidence']) == pytest.approx(float(w_conf), rel=1e-5)
