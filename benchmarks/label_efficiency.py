@@ -8,24 +8,31 @@ labelled subset (the subset depends on the seed and the budget only), so per-see
 between methods are paired comparisons. The score of a run is the mean of its last `--last`
 evaluations (500 validation images each), which damps the noise of a single evaluation.
 
-Writes benchmarks/results/label_efficiency.md (mean and range over seeds per method and budget,
-the per-seed differences, the all-labels reference, the Table 4 ablation) and
-benchmarks/results/label_efficiency.png (mIoU against labelled images, range as error bars).
+Each finished run is kept in benchmarks/results/label_efficiency.json (its eval mIoU by step,
+its run time, the date and the invocation that made it); a stored run is not redone, so a
+later invocation adds seeds, budgets or methods to the stored ones (delete an entry to run it
+again). From every stored run it writes benchmarks/results/label_efficiency.md (mean and range
+over seeds per method and budget, the per-seed differences, the all-labels reference, the
+Table 4 ablation) and benchmarks/results/label_efficiency.png (mIoU against labelled images,
+range as error bars). `--quick` keeps its own store, under its workdir.
 
   PYTHONPATH=. python benchmarks/label_efficiency.py --jobs 2           # everything, 3 seeds
   PYTHONPATH=. python benchmarks/label_efficiency.py --quick            # 1 seed, 1 budget
   PYTHONPATH=. python benchmarks/label_efficiency.py --parts core,all   # a subset of the grid
+  PYTHONPATH=. python benchmarks/label_efficiency.py --parts core --budgets 50 --seeds 0 1 2 3
 """
 import argparse
 import concurrent.futures
 import dataclasses
 import datetime
+import json
 import os
 import pathlib
 import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -52,8 +59,6 @@ CORE = (Method('Supervised', 'supervised', 'method=supervised,reco=False'),
         Method('ClassMix', 'classmix', 'method=classmix,reco=False'),
         Method('ReCo + ClassMix', 'reco_classmix', 'method=classmix,reco=True'))
 EXTRA = {
-    'pretrain': (Method('Supervised, within-image pretraining', 'supervised_pretrain',
-                        'method=supervised,pretrain=within'),),
     's4gan': (Method('S4GAN', 's4gan', 'method=s4gan,reco=False'),),
     # The ReCo paper's Table 4 (sampling ablation), on ReCo + ClassMix.
     'ablation': (
@@ -63,6 +68,8 @@ EXTRA = {
                'method=classmix,reco=True', ('--config.query_mode=easy',)),
         Method('ReCo + ClassMix, random keys', 'reco_random_keys',
                'method=classmix,reco=True', ('--config.key_mode=random',))),
+    'pretrain': (Method('Supervised, within-image pretraining', 'supervised_pretrain',
+                        'method=supervised,pretrain=within'),),
 }
 PARTS = ('core', 'all', *EXTRA)
 # The runs evaluate twice as often as the main job, so that the mean of their last evaluations
@@ -119,51 +126,171 @@ def _execute(run: Run, root: pathlib.Path, data_dir: str, cpus: list[int] | None
   return seconds
 
 
-def score(workdir: pathlib.Path, last: int) -> float:
-  """Mean of the last `last` eval mIoUs of a finished run."""
-  miou = results.load_result(workdir).miou
-  return float(np.mean([miou[s] for s in sorted(miou)[-last:]]))
+def _invocation() -> str:
+  return f'PYTHONPATH=. python benchmarks/label_efficiency.py {" ".join(_shown(sys.argv[1:]))}'
 
 
 def _shown(argv: list[str]) -> list[str]:
   """The command-line arguments without the machine's own paths (after `=` or a space)."""
   shown, skip = [], False
   for a in argv:
-    if not skip and not a.startswith(('--data_dir', '--workdir')):
+    if not skip and not a.startswith(('--data_dir', '--workdir', '--results')):
       shown.append(a)
-    skip = a in ('--data_dir', '--workdir')
+    skip = a in ('--data_dir', '--workdir', '--results')
   return shown
 
 
-def _cell(values) -> str:
-  v = 100 * np.asarray(values)
+def record(run: Run, workdir: pathlib.Path, seconds: float, context: str) -> dict:
+  """What the store keeps of a finished run: its eval mIoU by step and where it was made."""
+  return {'method': run.method.key, 'labels': run.labels, 'seed': run.seed,
+          'miou': {str(s): v for s, v in sorted(results.load_result(workdir).miou.items())},
+          'minutes': round(seconds / 60, 1) if seconds else None,
+          'date': str(datetime.date.today()), 'command': _invocation(), 'context': context}
+
+
+def pending(runs: list[Run], store: dict[str, dict], root: pathlib.Path) -> list[Run]:
+  """The runs to execute: a stored run is not redone, unless its finished workdir is under `root`
+  (then it is read again)."""
+  return [r for r in runs if r.name not in store or _finished(root / r.name)]
+
+
+def score(entry: dict, last: int) -> float:
+  """Mean of the last `last` eval mIoUs of a stored run (or its score, where only that is kept)."""
+  if 'miou' not in entry:
+    return entry['score']
+  miou = {int(s): v for s, v in entry['miou'].items()}
+  return float(np.mean([miou[s] for s in sorted(miou)[-last:]]))
+
+
+def load_store(path: pathlib.Path) -> dict[str, dict]:
+  if not path.exists():
+    return {}
+  try:
+    return json.loads(path.read_text())['runs']
+  except (ValueError, KeyError) as e:
+    raise SystemExit(f'{path} is not a label-efficiency store ({e}); expected '
+                     '{"runs": {name: run}}. Move it away to start a new one.') from e
+
+
+def _save_store(path: pathlib.Path, store: dict[str, dict]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(path.name + '.partial')  # never a half-written store
+  partial.write_text(json.dumps({'runs': dict(sorted(store.items()))}, indent=1) + '\n')
+  os.replace(partial, path)
+
+
+def _cell(values: dict[int, float], seeds: int) -> str:
+  v = 100 * np.asarray(list(values.values()))
   if len(v) == 1:
     return f'{v[0]:.1f}'
-  return f'{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})'
+  count = f'; {len(v)} seeds' if len(v) != seeds else ''
+  return f'{v.mean():.1f} ({v.min():.1f}-{v.max():.1f}{count})'
+
+
+def _scores(store: dict[str, dict], last: int) -> dict[tuple[str, int], dict[int, float]]:
+  """(method key, labels) -> {seed: score}, seeds in order."""
+  scores = {}
+  for entry in sorted(store.values(), key=lambda e: e['seed']):
+    scores.setdefault((entry['method'], entry['labels']), {})[entry['seed']] = score(entry, last)
+  return scores
+
+
+def _provenance(store: dict[str, dict]) -> list[str]:
+  """A line per invocation that made stored runs: its date, command, machine and run time."""
+  groups = {}
+  for entry in store.values():
+    groups.setdefault((entry['date'], entry['command'], entry['context']), []).append(entry)
+  lines = []
+  for (date, command, context), entries in sorted(groups.items()):
+    minutes = [e['minutes'] for e in entries if e.get('minutes')]
+    time_ = (f'; {sum(minutes):.0f} min of run time (median {np.median(minutes):.1f})'
+             if minutes else '')
+    lines.append(f'- {date}, {len(entries)} runs: `{command}`, {context}{time_}.')
+  return lines
+
+
+def report(store: dict[str, dict], last: int,
+           store_name: str) -> tuple[list[str], dict, list[Method], list[int]]:
+  """The results file's lines from every stored run, and what the plot needs."""
+  scores = _scores(store, last)
+  methods = [m for m in (*CORE, *(m for p in EXTRA for m in EXTRA[p]))
+             if any(key == m.key for key, _ in scores)]
+  budgets = sorted({labels for _, labels in scores if labels})
+  seeds = max(len(v) for v in scores.values())
+  toy = toy_config.get_config()
+  lines = [
+      '# Label efficiency on the toy',
+      '',
+      f'Made by `benchmarks/label_efficiency.py` from the runs in `{store_name}` (each run\'s '
+      'eval mIoU by step and where it was made); an invocation adds its runs to them:',
+      '',
+      *_provenance(store),
+      '',
+      'Each run is the README main job with the row\'s method and budget '
+      '(`python -m reco_jax.main --config=configs/toy.py:labels=N,seed=S,...`), evaluated '
+      f'every {EVAL_EVERY} steps instead of {toy.eval_every_steps}. Eval mIoU '
+      f'(%) on the 500 validation images, the mean of the last {last} evaluations of a '
+      f'run (of {toy.num_train_steps} steps); mean and range over {seeds} seeds (a cell over '
+      'another number says so). Noise reduction: a 500-image validation split, the mean of the '
+      'last evaluations, and paired seeds (one seed gives every method the same labelled '
+      'subset; per-seed differences below).',
+      '',
+      '| method | ' + ' | '.join(f'{b} labels' for b in budgets) + ' |',
+      '|---|' + '---|' * len(budgets),
+  ]
+  for m in methods:
+    cells = [_cell(scores[m.key, b], seeds) if (m.key, b) in scores else '' for b in budgets]
+    lines.append(f'| {m.name} | ' + ' | '.join(cells) + ' |')
+  if (ALL_LABELS.key, 0) in scores:
+    lines.append(f'| {ALL_LABELS.name} | {_cell(scores[ALL_LABELS.key, 0], seeds)} '
+                 '(any budget) |' + ' |' * (len(budgets) - 1))
+  lines += ['', 'Per-seed differences (points, paired by seed):', '']
+  pairs = [('ClassMix - Supervised', 'classmix', 'supervised'),
+           ('ReCo + ClassMix - ClassMix', 'reco_classmix', 'classmix'),
+           ('ReCo + ClassMix - Supervised', 'reco_classmix', 'supervised')]
+  pairs += [(f'{m.name} - ReCo + ClassMix', m.key, 'reco_classmix') for m in EXTRA['ablation']]
+  pairs += [(f'{m.name} - Supervised', m.key, 'supervised')
+            for p in ('pretrain', 's4gan') for m in EXTRA[p]]
+  for title, a, b in pairs:
+    for budget in budgets:
+      common = [s for s in scores.get((a, budget), {}) if s in scores.get((b, budget), {})]
+      if common:
+        d = 100 * np.array([scores[a, budget][s] - scores[b, budget][s] for s in common])
+        which = f'seeds {", ".join(map(str, common))}; ' if len(common) != seeds else ''
+        lines.append(f'- {title}, {budget} labels: {", ".join(f"{x:+.1f}" for x in d)} '
+                     f'({which}mean {d.mean():+.1f})')
+  return lines + [''], scores, methods, budgets
 
 
 def _plot(scores, methods, budgets, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  # Rows at the same budget are spread sideways so that their error bars do not overlap.
+  at = {b: [m.key for m in methods if (m.key, b) in scores] for b in budgets}
+  width = 0.04 * (max(budgets) - min(budgets) or max(budgets))
   for method in methods:
     xs = [b for b in budgets if (method.key, b) in scores]
     if not xs:
       continue
-    v = [100 * np.asarray(scores[method.key, b]) for b in xs]
+    dodge = [(at[b].index(method.key) - (len(at[b]) - 1) / 2) * width / max(len(at[b]) - 1, 1)
+             for b in xs]
+    v = [100 * np.asarray(list(scores[method.key, b].values())) for b in xs]
     mean = np.array([x.mean() for x in v])
     err = np.array([[m - x.min() for m, x in zip(mean, v)], [x.max() - m for m, x in zip(mean, v)]])
-    ax.errorbar(xs, mean, yerr=err, marker='o', capsize=4, label=method.name)
+    ax.errorbar(np.add(xs, dodge), mean, yerr=err, marker='o', capsize=3,
+                ls='-' if len(xs) > 1 else 'none', label=method.name)
   if (ALL_LABELS.key, 0) in scores:
-    ax.axhline(100 * np.mean(scores[ALL_LABELS.key, 0]), color='grey', ls='--',
-               label=ALL_LABELS.name)
+    every = 100 * np.mean(list(scores[ALL_LABELS.key, 0].values()))
+    ax.axhline(every, color='grey', ls='--', label=ALL_LABELS.name)
+    ax.set_ylim(top=max(ax.get_ylim()[1], every + 2))
   ax.set_xlabel('labelled images')
   ax.set_ylabel('eval mIoU (%)')
   ax.set_xticks(budgets)
   ax.set_title('reco_toy: mean and range over seeds')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, loc='lower right')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -182,6 +309,9 @@ def main():
                       help='runs at a time, each pinned to its own share of the CPU cores')
   parser.add_argument('--data_dir', default='')
   parser.add_argument('--workdir', default='', help='default: a temporary directory')
+  parser.add_argument('--results', default='',
+                      help=f'path stem of the store, results file and plot (default: {_OUT}; '
+                      'with --quick: WORKDIR/label_efficiency)')
   parser.add_argument('--quick', action='store_true', help='1 seed, 1 budget, core methods')
   args = parser.parse_args()
   parts = args.parts.split(',')
@@ -191,6 +321,10 @@ def main():
     args.seeds, args.budgets, parts = args.seeds[:1], args.budgets[:1], ['core']
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix='label_efficiency_'))
   root.mkdir(parents=True, exist_ok=True)
+  out = pathlib.Path(args.results) if args.results else (
+      root / 'label_efficiency' if args.quick else _OUT)
+  store_path = out.with_suffix('.json')
+  store = load_store(store_path)
 
   runs = []  # in the order of --parts
   for part in parts:
@@ -200,13 +334,19 @@ def main():
       runs += [Run(ALL_LABELS, 0, s) for s in args.seeds]
     else:
       runs += [Run(m, args.budgets[0], s) for s in args.seeds for m in EXTRA[part]]
+  stored = len(runs)
+  runs = pending(runs, store, root)
+  stored -= len(runs)
 
   base.prepare('reco_toy', args.data_dir or None)  # once, before parallel runs read it
   cores = sorted(os.sched_getaffinity(0))
   jobs = max(1, min(args.jobs, len(cores)))
   shares = [cores[i::jobs] for i in range(jobs)] if jobs > 1 else [None]
-  began, load = time.time(), os.getloadavg()[0]
-  print(f'{len(runs)} runs, {jobs} at a time, workdirs under {root}', flush=True)
+  context = (f'{platform.machine()} with {os.cpu_count()} CPU cores, {jobs} run(s) at a time, '
+             f'load {os.getloadavg()[0]:.1f} at the start')
+  print(f'{len(runs)} runs ({stored} more stored in {store_path}), {jobs} at a time, '
+        f'workdirs under {root}', flush=True)
+  lock = threading.Lock()
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     free = list(range(jobs))
 
@@ -216,64 +356,19 @@ def main():
         seconds = _execute(run, root, args.data_dir, shares[share])
       finally:
         free.append(share)
-      print(f'{run.name}: {score(root / run.name, args.last):.4f} ({seconds / 60:.1f} min)',
-            flush=True)
-      return seconds
+      with lock:
+        entry = record(run, root / run.name, seconds, context)
+        if run.name in store:  # read again: keep where it was made
+          entry = {**store[run.name], 'miou': entry['miou']}
+        store[run.name] = entry
+        _save_store(store_path, store)
+      print(f'{run.name}: {score(entry, args.last):.4f} ({seconds / 60:.1f} min)', flush=True)
 
-    durations = list(pool.map(work, runs))
-  total = time.time() - began
+    list(pool.map(work, runs))
 
-  scores = {}
-  for run in runs:
-    scores.setdefault((run.method.key, run.labels), []).append(score(root / run.name, args.last))
-  methods = [*CORE, *(m for p in parts if p in EXTRA for m in EXTRA[p])]
-  toy = toy_config.get_config()
-  budgets = args.budgets
-  lines = [
-      '# Label efficiency on the toy',
-      '',
-      f'`PYTHONPATH=. python benchmarks/label_efficiency.py {" ".join(_shown(sys.argv[1:]))}` on '
-      f'{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} CPU cores, '
-      f'{jobs} run(s) at a time, load {load:.1f} at the start; the {len(runs)} runs took '
-      f'{sum(durations) / 60:.0f} min of run time in all (median {np.median(durations) / 60:.1f} '
-      f'min; {total / 60:.0f} min of wall time in this invocation, finished runs are reused).',
-      '',
-      'Each run is the README main job with the row\'s method and budget '
-      '(`python -m reco_jax.main --config=configs/toy.py:labels=N,seed=S,...`), evaluated '
-      f'every {EVAL_EVERY} steps instead of {toy.eval_every_steps}. Eval mIoU '
-      f'(%) on the 500 validation images, the mean of the last {args.last} evaluations of a '
-      f'run (of {toy.num_train_steps} steps); mean '
-      f'and range over seeds {args.seeds}. Noise reduction: a 500-image validation '
-      'split, the mean of the last evaluations, and paired seeds (one seed gives every method '
-      'the same labelled subset; per-seed differences below).',
-      '',
-      '| method | ' + ' | '.join(f'{b} labels' for b in budgets) + ' |',
-      '|---|' + '---|' * len(budgets),
-  ]
-  for m in methods:
-    cells = [_cell(scores[m.key, b]) if (m.key, b) in scores else '' for b in budgets]
-    if any(cells):
-      lines.append(f'| {m.name} | ' + ' | '.join(cells) + ' |')
-  if (ALL_LABELS.key, 0) in scores:
-    lines.append(f'| {ALL_LABELS.name} | {_cell(scores[ALL_LABELS.key, 0])} (any budget) |'
-                 + ' |' * (len(budgets) - 1))
-  lines += ['', 'Per-seed differences (points, paired by seed):', '']
-  pairs = [('ClassMix - Supervised', 'classmix', 'supervised'),
-           ('ReCo + ClassMix - ClassMix', 'reco_classmix', 'classmix'),
-           ('ReCo + ClassMix - Supervised', 'reco_classmix', 'supervised')]
-  pairs += [(f'{m.name} - ReCo + ClassMix', m.key, 'reco_classmix') for m in EXTRA['ablation']]
-  pairs += [(f'{m.name} - Supervised', m.key, 'supervised')
-            for p in ('pretrain', 's4gan') for m in EXTRA[p]]
-  for title, a, b in pairs:
-    for budget in budgets:
-      if (a, budget) in scores and (b, budget) in scores:
-        d = 100 * (np.asarray(scores[a, budget]) - np.asarray(scores[b, budget]))
-        lines.append(f'- {title}, {budget} labels: {", ".join(f"{x:+.1f}" for x in d)} '
-                     f'(mean {d.mean():+.1f})')
-  lines.append('')
-  _OUT.parent.mkdir(parents=True, exist_ok=True)
-  _OUT.with_suffix('.md').write_text('\n'.join(lines))
-  _plot(scores, methods, budgets, _OUT.with_suffix('.png'))
+  lines, scores, methods, budgets = report(store, args.last, store_path.name)
+  out.with_suffix('.md').write_text('\n'.join(lines))
+  _plot(scores, methods, budgets, out.with_suffix('.png'))
   print('\n'.join(lines))
 
 

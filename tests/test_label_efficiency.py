@@ -1,0 +1,73 @@
+"""The label-efficiency benchmark's store of runs and the results file made from it."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'label_efficiency.py'
+_SPEC = importlib.util.spec_from_file_location('label_efficiency', _PATH)
+le = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(le)
+
+
+def _entry(method, labels, seed, miou, **kw):
+  return {'method': method, 'labels': labels, 'seed': seed,
+          'miou': {str(s): v for s, v in miou.items()}, 'minutes': 10.0,
+          'date': '2026-12-03', 'command': 'cmd', 'context': 'here', **kw}
+
+
+def test_score_is_the_mean_of_the_last_evaluations_in_step_order():
+  entry = _entry('supervised', 30, 0, {250: 0.1, 2000: 0.5, 1750: 0.3, 500: 0.9})
+  assert le.score(entry, 2) == pytest.approx(0.4)  # steps 1750 and 2000, not by string order
+  assert le.score(entry, 1) == pytest.approx(0.5)
+  assert le.score({'score': 0.25}, 2) == 0.25  # a run kept as its score only
+
+
+def test_report_grows_with_the_store():
+  store = {}
+  for seed, (sup, cm) in enumerate([(0.20, 0.30), (0.22, 0.36), (0.24, 0.33)]):
+    store[f'supervised_l30_s{seed}'] = _entry('supervised', 30, seed, {2000: sup})
+    store[f'classmix_l30_s{seed}'] = _entry('classmix', 30, seed, {2000: cm})
+  store['supervised_l50_s3'] = _entry('supervised', 50, 3, {2000: 0.4}, date='2026-12-04')
+  store['supervised_l50_s4'] = _entry('supervised', 50, 4, {2000: 0.5}, date='2026-12-04')
+  store['classmix_l50_s4'] = _entry('classmix', 50, 4, {2000: 0.6}, date='2026-12-04')
+  lines, scores, methods, budgets = le.report(store, 1, 'store.json')
+  assert budgets == [30, 50] and [m.key for m in methods] == ['supervised', 'classmix']
+  assert scores['supervised', 50] == {3: 0.4, 4: 0.5}
+  text = '\n'.join(lines)
+  assert '| method | 30 labels | 50 labels |' in text
+  assert '| Supervised | 22.0 (20.0-24.0) | 45.0 (40.0-50.0; 2 seeds) |' in text
+  assert '| ClassMix | 33.0 (30.0-36.0) | 60.0 |' in text
+  assert '- ClassMix - Supervised, 30 labels: +10.0, +14.0, +9.0 (mean +11.0)' in text
+  # Paired over the seeds both rows have.
+  assert '- ClassMix - Supervised, 50 labels: +10.0 (seeds 4; mean +10.0)' in text
+  assert '- 2026-12-03, 6 runs: `cmd`, here; 60 min of run time (median 10.0).' in text
+  assert '- 2026-12-04, 3 runs' in text
+
+
+def test_stored_runs_are_not_redone_unless_their_workdir_is_here(tmp_path):
+  runs = [le.Run(le.CORE[0], 30, s) for s in range(3)]
+  store = {runs[0].name: {}, runs[1].name: {}}
+  (tmp_path / runs[1].name).mkdir()  # a workdir without a finished result
+  assert le.pending(runs, store, tmp_path) == [runs[2]]
+
+
+def test_store_round_trip_and_bad_store(tmp_path):
+  path = tmp_path / 'store.json'
+  assert le.load_store(path) == {}
+  store = {'b': _entry('supervised', 30, 1, {10: 0.5}), 'a': _entry('supervised', 30, 0, {})}
+  le._save_store(path, store)
+  assert le.load_store(path) == store
+  assert list(json.loads(path.read_text())['runs']) == ['a', 'b']
+  assert not list(tmp_path.glob('*.partial'))
+  path.write_text('{"not runs": 1}')
+  with pytest.raises(SystemExit, match='store.json is not a label-efficiency store'):
+    le.load_store(path)
+
+
+def test_the_committed_results_file_is_the_committed_stores():
+  """benchmarks/results/label_efficiency.md is what the benchmark makes of the stored runs."""
+  out = _PATH.parent / 'results' / 'label_efficiency'
+  lines, *_ = le.report(le.load_store(out.with_suffix('.json')), 2, 'label_efficiency.json')
+  assert out.with_suffix('.md').read_text() == '\n'.join(lines)
