@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
       learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
       min_learning_rate=1e-6))
   c.ema_decay = 0.99
+  # The largest hue shift (in turns) of the colour jitter of labelled and mixed images; the
+  # reference's 0.25. Lower it for data whose classes differ by hue.
+  c.hue_jitter = 0.25
   c.strong_threshold = 0.97
   c.weak_threshold = 0.7
   c.reco_temperature = 0.5

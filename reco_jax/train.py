@@ -234,7 +234,8 @@ def _train_iterators(config, builder, start_batch: int, *, branches, pseudo=None
       start_batch=start_batch,
       labelled_pool=_labelled_pool(config.split),
       unlabelled_fraction=float(config.unlabelled_fraction),
-      pseudo_labels=pseudo)
+      pseudo_labels=pseudo,
+      hue_jitter=float(config.hue_jitter))
   return pipeline.train_iterators(builder, **kwargs)
 
 

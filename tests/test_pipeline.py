@@ -268,3 +268,18 @@ def test_a_fraction_of_the_unlabelled_images_feeds_the_unlabelled_stream(builder
   assert next(unlabelled)['image'].shape == (2, 40, 48, 3)
   with pytest.raises(ValueError, match='unlabelled_fraction'):
     _train(builder, num_labels=4, unlabelled_fraction=0.0)
+
+
+def test_colour_jitter_shifts_hue_within_hue_jitter():
+  """A saturated colour keeps its hue with hue_jitter=0 and moves by about hue_jitter at most
+  (the grey blends of contrast and saturation move it a little too)."""
+  red = tf.tile(tf.constant([[[0.9, 0.1, 0.1]]]), [4, 4, 1])
+  hue = lambda x: tf.image.rgb_to_hsv(x).numpy()[0, 0, 0]
+  shifts = {0.0: [], 0.1: []}
+  for s in range(16):
+    seed = tf.constant([s, 1], tf.int64)
+    for limit in shifts:
+      h = hue(pipeline.colour_jitter(red, seed, limit))
+      shifts[limit].append(min(h, 1 - h))  # distance from red's hue 0 around the wheel
+  assert max(shifts[0.0]) < 1e-3
+  assert 0.02 < max(shifts[0.1]) <= 0.11

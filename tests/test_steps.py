@@ -373,3 +373,20 @@ def test_eval_step_with_tiny_model_matches_numpy_confusion(mesh, model, state):
   np.add.at(want, (labels[mask], preds[mask]), 1)
   np.testing.assert_array_equal(np.asarray(conf), want)
   assert want.sum() == mask.sum() > 0
+
+
+@pytest.mark.parametrize('hue', [0.0, 0.05])
+def test_mixed_images_are_jittered_within_config_hue_jitter(model, state, monkeypatch, hue):
+  """config.hue_jitter bounds the hue shift of the strong augmentation after mixing."""
+  seen, original = [], augment.strong_augment
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs['hue'])
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(mean_teacher.augment, 'strong_augment', recording)
+  config = tiny_config(method='cutmix', hue_jitter=hue)
+  images = make_batch()['unlabelled']['image']
+  mean_teacher.mean_teacher_targets(model.apply, state, {'image': images}, jax.random.key(0),
+                                    jax.random.key(1), config=config)
+  assert seen == [(-hue, hue)]

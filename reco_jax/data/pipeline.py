@@ -71,11 +71,13 @@ def _grey(image: tf.Tensor) -> tf.Tensor:
   return tf.reduce_sum(image * tf.constant(P.GREY_WEIGHTS), axis=-1, keepdims=True)
 
 
-def colour_jitter(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """torchvision-style ColorJitter on a [h, w, 3] float32 image in [0, 1], random draws."""
+def colour_jitter(image: tf.Tensor, seed: tf.Tensor, hue_jitter: float = P.JITTER_HUE
+                  ) -> tf.Tensor:
+  """torchvision-style ColorJitter on a [h, w, 3] float32 image in [0, 1], random draws; the
+  hue shift is uniform in [-hue_jitter, hue_jitter]."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
   b, c, s = tf.unstack(tf.random.stateless_uniform([3], seeds[0], *P.JITTER_FACTOR))
-  hue = tf.random.stateless_uniform([], seeds[1], -P.JITTER_HUE, P.JITTER_HUE)
+  hue = tf.random.stateless_uniform([], seeds[1], -hue_jitter, hue_jitter)
   order = tf.argsort(tf.random.stateless_uniform([4], seeds[2]))
   return colour_jitter_with(image, order, b, c, s, hue)
 
@@ -121,7 +123,8 @@ def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
 
 def augment_labelled(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *,
                      crop_size: tuple[int, int], scale_range: tuple[float, float],
-                     photometric: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+                     photometric: bool = True, hue_jitter: float = P.JITTER_HUE
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
   """The labelled-branch augmentation of one example.
 
   Args:
@@ -129,6 +132,7 @@ def augment_labelled(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *,
     seed: [2] int64 stateless seed.
     crop_size: output (height, width). scale_range: random rescale factor range.
     photometric: False skips colour jitter and blur (tests check geometry with it).
+    hue_jitter: the largest hue shift of the colour jitter, in turns.
 
   Returns:
     image [crop_h, crop_w, 3] float32 in [0, 1] (not normalised), label [crop_h, crop_w] int32.
@@ -145,7 +149,8 @@ def augment_labelled(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *,
   image, label = random_crop(image, label, seeds[1], crop_size)
   if photometric:
     jitter = tf.random.stateless_uniform([], seeds[2]) < P.JITTER_PROB
-    image = tf.cond(jitter, lambda: colour_jitter(image, seeds[3]), lambda: image)
+    image = tf.cond(jitter, lambda: colour_jitter(image, seeds[3], hue_jitter),
+                    lambda: image)
     blur = tf.random.stateless_uniform([], seeds[4]) < P.BLUR_PROB
     sigma = tf.random.stateless_uniform([], seeds[5], *P.BLUR_SIGMA)
     image = tf.cond(blur, lambda: gaussian_blur(image, sigma), lambda: image)
@@ -341,6 +346,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
                     labelled_pool: Sequence[str] | None = None,
                     unlabelled_fraction: float = 1.0,
                     pseudo_labels: Mapping[str, bytes] | None = None,
+                    hue_jitter: float = P.JITTER_HUE,
                     ) -> tuple[Iterator[dict], Iterator[dict] | None, list[str]]:
   """Infinite iterators of this process's training batches.
 
@@ -378,6 +384,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
     pseudo_labels: {image id: PNG-encoded uint8 label} of train images that join the labelled
       stream with these labels (a model's predictions: method=pseudo_label); their ids must
       not be among the labelled ones. The unlabelled stream is unchanged.
+    hue_jitter: the largest hue shift of the labelled images' colour jitter, in turns.
 
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
@@ -437,7 +444,8 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
     if partial_fn:
       label = partial_fn(label, ex['image_id'])
     image, label = augment_labelled(image, label, _example_seed(l_seed, position),
-                                    crop_size=crop_size, scale_range=scale_range)
+                                    crop_size=crop_size, scale_range=scale_range,
+                                    hue_jitter=hue_jitter)
     return {'image': normalization.normalize(image), 'label': label}
 
   labelled = labelled.map(labelled_map, num_parallel_calls=tf.data.AUTOTUNE)

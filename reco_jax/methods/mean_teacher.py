@@ -95,7 +95,8 @@ def mean_teacher_targets(model_fn, state: state_lib.TrainState, unlabelled: dict
                                     scale_range=tuple(config.scale_range),
                                     ignore_label=names.VOID)
   mixed = mixing.mix(k_mix, *mixed, config.method, num_classes=int(config.num_classes))
-  mixed = augment.strong_augment(k_aug, *mixed)
+  hue = float(config.hue_jitter)
+  mixed = augment.strong_augment(k_aug, *mixed, hue=(-hue, hue))
   return jax.tree.map(jax.lax.stop_gradient, mixed), t_updates['batch_stats'], metrics
 
 
