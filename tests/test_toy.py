@@ -120,7 +120,7 @@ def test_examples_are_seeded_per_index():
 
 
 def test_console_reference_matches_the_results_file():
-  """The figures a toy run prints at its end are the benchmark's (results file, 3 seeds)."""
+  """The figures a toy run prints at its end are the benchmark's (the results file)."""
   table = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'results' /
            'label_efficiency.md').read_text()
   head, *body = [[cell.strip() for cell in line.split('|')[1:-1]]
