@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from reco_jax import console as console_lib
 from reco_jax import defaults
+from reco_jax import photometric
 from reco_jax import evaluation
 from reco_jax import methods
 from reco_jax import names
@@ -235,7 +236,7 @@ def _train_iterators(config, builder, start_batch: int, *, branches, pseudo=None
       labelled_pool=_labelled_pool(config.split),
       unlabelled_fraction=float(config.unlabelled_fraction),
       pseudo_labels=pseudo,
-      hue_jitter=float(config.hue_jitter))
+      hue_jitter=float(config.get('hue_jitter', photometric.JITTER_HUE)))
   return pipeline.train_iterators(builder, **kwargs)
 
 
