@@ -28,7 +28,6 @@ import orbax.checkpoint as ocp
 
 from reco_jax import console as console_lib
 from reco_jax import defaults
-from reco_jax import photometric
 from reco_jax import evaluation
 from reco_jax import methods
 from reco_jax import names
@@ -236,7 +235,7 @@ def _train_iterators(config, builder, start_batch: int, *, branches, pseudo=None
       labelled_pool=_labelled_pool(config.split),
       unlabelled_fraction=float(config.unlabelled_fraction),
       pseudo_labels=pseudo,
-      hue_jitter=float(config.get('hue_jitter', photometric.JITTER_HUE)))
+      hue_jitter=float(config.hue_jitter))
   return pipeline.train_iterators(builder, **kwargs)
 
 

@@ -33,7 +33,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
       'method': 'classmix', 'reco': False, 'init_weights': '',
       'optimizer': {'learning_rate': 2.5e-3, 'momentum': 0.9, 'nesterov': True,
                     'weight_decay': 5e-4, 'poly_power': 0.9, 'min_learning_rate': 1e-6},
-      'num_train_steps': 100, 'ema_decay': 0.99, 'scale_range': (0.75, 1.25),
+      'num_train_steps': 100, 'ema_decay': 0.99, 'scale_range': (0.75, 1.25), 'hue_jitter': 0.25,
       # Low thresholds: an untrained 3-class model is rarely 97% sure of anything.
       'strong_threshold': 0.5, 'weak_threshold': 0.4,
       'reco_temperature': 0.5, 'num_queries': 8, 'num_negatives': 16,

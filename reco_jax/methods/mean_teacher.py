@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from reco_jax import photometric
 from reco_jax import names
 from reco_jax import state as state_lib
 from reco_jax.losses import reco_recipe
@@ -96,7 +95,7 @@ def mean_teacher_targets(model_fn, state: state_lib.TrainState, unlabelled: dict
                                     scale_range=tuple(config.scale_range),
                                     ignore_label=names.VOID)
   mixed = mixing.mix(k_mix, *mixed, config.method, num_classes=int(config.num_classes))
-  hue = float(config.get('hue_jitter', photometric.JITTER_HUE))  # configs made before it
+  hue = float(config.hue_jitter)
   mixed = augment.strong_augment(k_aug, *mixed, hue=(-hue, hue))
   return jax.tree.map(jax.lax.stop_gradient, mixed), t_updates['batch_stats'], metrics
 
