@@ -65,16 +65,17 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
-def best_manager_options(create: bool = True, **kwargs) -> ocp.CheckpointManagerOptions:
+def best_manager_options() -> ocp.CheckpointManagerOptions:
   """Options of the best-checkpoint manager: one state, the one with the highest eval mIoU.
 
-  On several hosts the two managers' barriers need distinct names, or the finalisation of one
-  manager's save can meet the other's barrier and both wait until they time out.
+  Its directory is not created up front: it appears with the first save. On several hosts
+  the two managers' barriers need distinct names, or the finalisation of one manager's save
+  can meet the other's barrier and both wait until they time out.
   """
   return ocp.CheckpointManagerOptions(
       max_to_keep=1, best_fn=lambda metrics: metrics[BEST_METRIC], best_mode='max',
-      create=create, multiprocessing_options=ocp.options.MultiprocessingOptions(
-          barrier_sync_key_prefix='best'), **kwargs)
+      create=False, multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='best'))
 
 
 def checkpoint_managers(workdir: str | epath.Path, keep: int
@@ -82,7 +83,8 @@ def checkpoint_managers(workdir: str | epath.Path, keep: int
   """(latest, best) managers for training into `workdir`, as reco_jax.train creates them.
 
   keep: how many of the latest checkpoints to keep (config.keep_checkpoints). Save to the
-  best manager with metrics={BEST_METRIC: miou}.
+  best manager with metrics={BEST_METRIC: miou}; its directory appears with its first save, so
+  a run that never evaluates (a pretraining stage) has none.
   """
   workdir = epath.Path(workdir)
   latest = ocp.CheckpointManager(workdir / CHECKPOINTS, options=ocp.CheckpointManagerOptions(
@@ -101,7 +103,7 @@ def _steps(directory: epath.Path, best: bool) -> tuple[list[int], int | None]:
   """(all steps, best or latest step) of the checkpoints in `directory` (read only)."""
   if not directory.exists():
     return [], None
-  options = (best_manager_options(create=False) if best else
+  options = (best_manager_options() if best else
              ocp.CheckpointManagerOptions(create=False))
   with ocp.CheckpointManager(directory, options=options) as manager:
     steps = list(manager.all_steps())

@@ -154,6 +154,9 @@ def test_staged_run_folders_events_and_finetuning_start(staged_run):
   assert tags['train/contrast_loss'] == [1, 2, 3, 4]
   assert tags['eval/within_class_cosine'] == tags['eval/cosine_gap'] == [STEPS]
   assert 'eval/miou' not in tags
+  # No mIoU, no best checkpoint: the pretraining stage leaves no checkpoints_best/ at all.
+  assert not (workdir / 'pretrain' / workdir_lib.BEST_CHECKPOINTS).exists()
+  assert (workdir / 'finetune' / workdir_lib.BEST_CHECKPOINTS).is_dir()
   assert event_tags(workdir / 'finetune')['eval/miou'] == [STEPS]
   assert json.loads((workdir / 'config.json').read_text())['pretrain'] == 'within'
   saved = json.loads((workdir / 'pretrain' / 'config.json').read_text())

@@ -132,11 +132,12 @@ def test_console_reference_matches_the_results_file():
       if labels:
         cell = rows[name][head.index(f'{labels} labels') - 1]
       else:
-        name, cell = 'Supervised, all 2,000 labels', rows['Supervised, all 2,000 labels'][0]
+        name = f'Supervised, all {toy.RecoToyConfig.num_train:,} labels'  # the benchmark's row
+        cell = rows[name][0]
       assert abs(float(cell.split()[0]) / 100 - miou) < 0.0006, (labels, name)
   assert toy_config.get_config().num_train_steps == toy.REFERENCE_STEPS  # the same budget
   line = toy.reference_line('reco_toy', 30, toy.REFERENCE_STEPS)
-  assert 'Supervised' in line and 'all 2,000 labels' in line
+  assert 'Supervised' in line and f'all {toy.RecoToyConfig.num_train:,} labels' in line
   assert toy.reference_line('reco_toy/tiny', 30, toy.REFERENCE_STEPS) is None
   assert toy.reference_line('reco_toy', 30, 10) is None
   assert toy.reference_line('reco_toy', 45, toy.REFERENCE_STEPS) is None

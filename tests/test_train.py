@@ -179,6 +179,22 @@ def test_invalid_config_errors_are_clear(toy_data_dir, tmp_path):
     train.train_and_evaluate(incomplete, str(tmp_path))
 
 
+def test_train_iterators_take_the_configs_data_fields(monkeypatch):
+  """The training streams are built from the config's fields, not the pipeline's defaults."""
+  from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  seen = {}
+  monkeypatch.setattr(pipeline, 'train_iterators',
+                      lambda builder, **kwargs: seen.update(kwargs, builder=builder))
+  config = tiny_config('unused', hue_jitter=0.1, scale_range=(0.5, 1.5), labels=7,
+                       unlabelled_fraction=0.5, seed=3)
+  train._train_iterators(config, 'the builder', 5, branches=(1, 1))
+  assert seen['builder'] == 'the builder' and seen['start_batch'] == 5
+  assert seen['hue_jitter'] == 0.1 and seen['scale_range'] == (0.5, 1.5)
+  assert seen['num_labels'] == 7 and seen['unlabelled_fraction'] == 0.5 and seen['seed'] == 3
+  assert seen['labelled_batch'] == seen['unlabelled_batch'] == config.batch_size
+  assert seen['crop_size'] == tuple(config.crop_size)
+
+
 def test_missing_dataset_says_what_to_do(tmp_path):
   c = tiny_config(str(tmp_path / 'empty_tfds'), dataset='reco_voc', num_classes=21)
   with pytest.raises(FileNotFoundError, match='manual_dir') as err:
