@@ -11,9 +11,43 @@ os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_llvm_disable_expensive_passes=true']).strip()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import tolerances  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 4)
 jax.config.update('jax_threefry_partitionable', True)
+
+
+def _record_tolerance_ratios():
+  """With RECO_JAX_TOLERANCE_LOG set, numpy's and pytest's comparisons log their ratios too."""
+  assert_allclose = np.testing.assert_allclose
+
+  def recording_assert_allclose(actual, desired, rtol=1e-7, atol=0, equal_nan=True, **kw):
+    if rtol or atol:
+      try:
+        tolerances.record(tolerances.ratio(actual, desired, rtol, atol))
+      except (TypeError, ValueError):  # not numbers, or shapes that differ: numpy says so below
+        pass
+    return assert_allclose(actual, desired, rtol=rtol, atol=atol, equal_nan=equal_nan, **kw)
+
+  approx_scalar = type(pytest.approx(1.0))
+  approx_eq = approx_scalar.__eq__
+
+  def recording_eq(self, actual):
+    if isinstance(actual, (int, float)) and isinstance(self.expected, (int, float)):
+      tolerance = self.tolerance
+      if tolerance:
+        tolerances.record(abs(actual - self.expected) / tolerance)
+    return approx_eq(self, actual)
+
+  np.testing.assert_allclose = recording_assert_allclose
+  approx_scalar.__eq__ = recording_eq
+
+
+if os.environ.get('RECO_JAX_TOLERANCE_LOG'):
+  _record_tolerance_ratios()
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from reco_jax.methods import s4gan
 from reco_jax.models import discriminator as discriminator_lib
 # The toy dataset fixture and the toy run config of the end-to-end tests.
 from test_train import event_tags, host, tiny_config as toy_run_config, toy_data_dir  # noqa: F401
+import tolerances
 
 NUM_CLASSES, SIZE, BATCH = 3, 16, 4
 
@@ -282,11 +283,13 @@ def test_step_updates_each_network_with_its_own_loss():
   params, stats, opt_state, d_params, d_opt, parts = want
   for name, value in parts.items():
     assert float(metrics[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), name
-  got = new.extras['discriminator']
-  for tree, expected in ((new.params, params), (new.batch_stats, stats),
-                         (new.opt_state, opt_state), (got['params'], d_params),
-                         (got['opt_state'], d_opt)):
-    assert max_abs_diff(tree, expected) < 1e-6
+  got, d_before = new.extras['discriminator'], before.extras['discriminator']
+  for tree, expected, start in ((new.params, params, before.params),
+                                (new.batch_stats, stats, before.batch_stats),
+                                (new.opt_state, opt_state, before.opt_state),
+                                (got['params'], d_params, d_before['params']),
+                                (got['opt_state'], d_opt, d_before['opt_state'])):
+    tolerances.assert_updates_close(tree, expected, start, steps=1)
   assert max_abs_diff(before.params, new.params) > 1e-4
   assert max_abs_diff(before.extras['discriminator']['params'], got['params']) > 1e-6
   assert float(metrics['st_loss']) == 0 and float(metrics['selected_fraction']) == 0
@@ -318,12 +321,12 @@ def test_one_and_four_devices_agree():
     assert len(state.extras['discriminator']['params']['fc']['kernel'].sharding.device_set) == n
     results.append((jax.tree.map(np.asarray, state), history))
   (state1, hist1), (state4, hist4) = results
-  for m1, m4 in zip(hist1, hist4):
-    for k in m1:
-      assert m4[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
+  tolerances.assert_histories_close(hist4, hist1)
   assert hist1[1]['st_loss'] > 0
+  start = jax.tree.map(np.asarray, initial_state())
   for part in ('params', 'batch_stats', 'opt_state', 'extras'):
-    assert max_abs_diff(getattr(state1, part), getattr(state4, part)) < 1e-5, part
+    tolerances.assert_updates_close(getattr(state4, part), getattr(state1, part),
+                                    getattr(start, part), steps=len(hist1), err_msg=part)
 
 
 def test_reco_adds_the_labelled_pass_and_the_self_trained_images():

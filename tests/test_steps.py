@@ -21,6 +21,7 @@ from reco_jax.models import resize
 from reco_jax.semi import augment
 from reco_jax.semi import mixing
 from reco_jax.semi import rescale
+import tolerances
 
 NUM_CLASSES = 3
 SIZE = 33
@@ -206,12 +207,12 @@ def test_recomputing_the_labelled_pass_changes_nothing(mesh, model, initial_stat
   (plain, plain_history), (recomputed, recomputed_history) = results
   if reco:
     assert plain_history[-1]['reco_loss'] > 0
-  for before, after in zip(plain_history, recomputed_history):
-    assert before.keys() == after.keys()
-    for name in before:
-      assert after[name] == pytest.approx(before[name], rel=1e-5, abs=1e-6), name
+  # The recomputed pass fuses and reduces in another order: equal to float32 rounding.
+  tolerances.assert_histories_close(recomputed_history, plain_history)
   for part in ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats'):
-    leaves_close(getattr(recomputed, part), getattr(plain, part), rtol=1e-5, atol=1e-6)
+    tolerances.assert_updates_close(getattr(recomputed, part), getattr(plain, part),
+                                    getattr(initial_state, part), steps=len(plain_history),
+                                    err_msg=part)
 
 
 def test_recomputing_the_labelled_pass_holds_less_memory(mesh, model, initial_state):
