@@ -30,7 +30,7 @@ class VocLikeToy(toy.RecoToy, skip_registration=True):
       yield key, dict(ex, image=buffer.getvalue())
 
 
-def _time(it, batches: int, warmup: int = 3) -> float:
+def seconds_per_batch(it, batches: int, warmup: int = 3) -> float:
   """Seconds per batch after `warmup` batches."""
   for _ in range(warmup):
     next(it)
@@ -67,7 +67,7 @@ def main():
     for name, kw in runs.items():
       labelled, unlabelled, _ = pipeline.train_iterators(builder, **common, **kw)
       it = unlabelled if kw['unlabelled_batch'] else labelled
-      per_batch = _time(it, args.batches)
+      per_batch = seconds_per_batch(it, args.batches)
       size = kw['unlabelled_batch'] or kw['labelled_batch']
       print(f'{name}: {size / per_batch:.1f} images/s ({per_batch * 1e3:.0f} ms/batch)')
 

@@ -70,7 +70,8 @@ EXTRA = {
         Method('ReCo + ClassMix, random keys', 'reco_random_keys',
                'method=classmix,reco=True', ('--config.key_mode=random',))),
     'pretrain': (Method('Supervised, within-image pretraining', 'supervised_pretrain',
-                        'method=supervised,pretrain=within'),),
+                        # The class-balanced subset of the other methods, not Zhao's uniform.
+                        'method=supervised,pretrain=within,subset=class_balanced'),),
 }
 PARTS = ('core', 'all', *EXTRA)
 # The runs evaluate twice as often as the main job, so that the mean of their last evaluations

@@ -35,7 +35,9 @@ _OUT = pathlib.Path(__file__).resolve().parent / 'results' / 'pretraining.md'
 
 
 def _config(labels: int, seed: int, pretrain: str, args):
-  c = toy.get_config(f'labels={labels},method=supervised,pretrain={pretrain},seed={seed}')
+  # One subset rule for both runs of a seed (pretraining alone would default to uniform).
+  c = toy.get_config(f'labels={labels},method=supervised,pretrain={pretrain},seed={seed},'
+                     'subset=class_balanced')
   if args.steps:
     c.num_train_steps = args.steps
     c.eval_every_steps = max(1, args.steps // 3)

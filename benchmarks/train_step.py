@@ -8,6 +8,9 @@ DeepLabV3+ ResNet-101, 21 classes, 321x321 crops, Mean Teacher + ClassMix:
 3. seconds per supervised step (batch 2), with and without ReCo, beside the reference PyTorch
    figures (3.8 s and 40.4 s on 2 CPU threads).
 Ends with `reco_time_ratio=X reco_memory_ratio=Y` (with ReCo / without, semi-supervised).
+`--precision=bf16` runs every part with bfloat16 convolutions and matmuls (config
+precision=bf16); `--compare_precision` prints only the compile-only temporary memory and XLA
+FLOPs of the ClassMix + ReCo step at the memory batch in float32 and in bfloat16.
 `--explain` prints only the compile-only decomposition of the overhead at the memory batch
 (temporary memory and XLA FLOPs with stand-in losses in place of ReCo; see benchmarks/README.md).
 
@@ -18,6 +21,7 @@ Inputs are random, so the teacher is untrained: every unlabelled pixel is made v
   PYTHONPATH=. python benchmarks/train_step.py --backbone=resnet_tiny --size=65  # smoke run
   PYTHONPATH=. python benchmarks/train_step.py --explain --memory_batch=2
   PYTHONPATH=. python benchmarks/train_step.py --recompute_labelled  # the memory-saving mode
+  PYTHONPATH=. python benchmarks/train_step.py --compare_precision  # float32 vs bfloat16 memory
   PYTHONPATH=. python benchmarks/train_step.py --bank=2048 --backbone=resnet_tiny
       # only: seconds per ClassMix + ReCo step, batch-mode ReCo beside a feature bank of 2048
       # keys per class (config.reco_bank_size), at --time_batch
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import voc
+from reco_jax import names
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import steps
@@ -41,8 +46,9 @@ from reco_jax.models import deeplab
 
 
 def make_config(method: str, reco: bool, batch: int, size: int, recompute: bool = False,
-                bank: int = 0):
-  config = voc.get_config()
+                bank: int = 0, precision: str = 'fp32'):
+  # Step times do not depend on the weights.
+  config = voc.get_config(f'init_weights=none,precision={precision}')
   config.method = method
   config.reco = reco
   config.recompute_labelled = recompute
@@ -167,15 +173,39 @@ def seconds_per_step(config, model, mesh, state, size, rng, num_steps):
           (time.process_time() - cpu_start) / num_steps, compile_s, float(metrics['loss']))
 
 
+def make_model(backbone: str, precision: str):
+  """The VOC DeepLabV3+ (21 classes, output stride 16) in the compute dtype of `precision`."""
+  return deeplab.build_model('deeplabv3p', num_classes=21, backbone=backbone, output_stride=16,
+                             rep_dim=256, dtype=names.PRECISIONS[precision])
+
+
+def compare_precision(args, mesh, rng):
+  """Compile-only temporary memory of the ClassMix + ReCo step, float32 beside bfloat16."""
+  shape = f'{args.memory_batch}+{args.memory_batch}'
+  memory = {}
+  for precision in names.PRECISIONS:
+    config = make_config('classmix', True, args.memory_batch, args.size,
+                         args.recompute_labelled, precision=precision)
+    model = make_model(args.backbone, precision)
+    memory[precision], flops, compile_s = temp_memory(config, model, mesh, args.size, rng)
+    print(f'classmix {shape} reco=True precision={precision}: temp memory '
+          f'{memory[precision] / 2**30:.2f} GiB, {flops / 1e9:.1f} GFLOP '
+          f'(compile {compile_s:.0f} s)', flush=True)
+  print(f'load average {os.getloadavg()}')
+  print(f'bf16_memory_ratio={memory["bf16"] / memory["fp32"]:.3f}')
+
+
 def time_bank(args, model, mesh, rng):
   """Seconds per ClassMix + ReCo step at --time_batch: batch-mode ReCo, then with the bank."""
   batch, size = args.time_batch, args.size
-  bank_config = make_config('classmix', True, batch, size, args.recompute_labelled, args.bank)
+  bank_config = make_config('classmix', True, batch, size, args.recompute_labelled, args.bank,
+                            args.precision)
   state = state_lib.create_train_state(bank_config, model, jax.random.key(0), (size, size, 3),
                                        mesh=mesh)
   timing = {}
   for bank in (0, args.bank):
-    config = make_config('classmix', True, batch, size, args.recompute_labelled, bank)
+    config = make_config('classmix', True, batch, size, args.recompute_labelled, bank,
+                         args.precision)
     start = state if bank else state.replace(extras={})
     secs, cpu, compile_s, loss = seconds_per_step(config, model, mesh, start, size, rng,
                                                   args.steps)
@@ -197,6 +227,11 @@ def main():
   parser.add_argument('--explain', action='store_true')
   parser.add_argument('--recompute_labelled', action='store_true',
                       help='semi-supervised steps with config.recompute_labelled=True')
+  parser.add_argument('--precision', default='fp32', choices=tuple(names.PRECISIONS),
+                      help='compute dtype of the convolutions and matmuls (config precision)')
+  parser.add_argument('--compare_precision', action='store_true',
+                      help='only the temporary memory of the ClassMix + ReCo step at the '
+                           'memory batch, in float32 and in bfloat16 (compile only)')
   parser.add_argument('--bank', type=int, default=0,
                       help='only time ClassMix + ReCo steps without and with a feature bank '
                            'of this many keys per class')
@@ -205,10 +240,13 @@ def main():
         f'load average {os.getloadavg()}', flush=True)
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(0)
-  model = deeplab.build_model('deeplabv3p', num_classes=21, backbone=args.backbone,
-                              output_stride=16, rep_dim=256)
+  model = make_model(args.backbone, args.precision)
   size = args.size
   shape = f'{args.memory_batch}+{args.memory_batch}'
+
+  if args.compare_precision:
+    compare_precision(args, mesh, rng)
+    return
 
   if args.bank:
     time_bank(args, model, mesh, rng)
@@ -217,7 +255,8 @@ def main():
   if args.explain:
     base = None
     for name, (reco, loss) in STAND_INS.items():
-      config = make_config('classmix', reco, args.memory_batch, size)
+      config = make_config('classmix', reco, args.memory_batch, size,
+                           precision=args.precision)
       temp, flops, compile_s = temp_memory(config, model, mesh, size, rng, loss)
       base = base or (temp, flops)
       print(f'classmix {shape} {name}: temp memory {temp / 2**30:.3f} GiB '
@@ -228,14 +267,16 @@ def main():
 
   memory = {}
   for reco in (False, True):
-    config = make_config('classmix', reco, args.memory_batch, size, args.recompute_labelled)
+    config = make_config('classmix', reco, args.memory_batch, size, args.recompute_labelled,
+                         precision=args.precision)
     memory[reco], flops, compile_s = temp_memory(config, model, mesh, size, rng)
     print(f'classmix {shape} reco={reco}: temp memory '
           f'{memory[reco] / 2**30:.2f} GiB, {flops / 1e9:.1f} GFLOP (compile {compile_s:.0f} s)',
           flush=True)
 
   start = time.perf_counter()
-  state = state_lib.create_train_state(make_config('classmix', False, 2, size), model,
+  state = state_lib.create_train_state(make_config('classmix', False, 2, size,
+                                                   precision=args.precision), model,
                                        jax.random.key(0), (size, size, 3), mesh=mesh)
   jax.block_until_ready(state)
   print(f'create_train_state: {time.perf_counter() - start:.0f} s', flush=True)
@@ -243,7 +284,8 @@ def main():
   timing = {}
   for method, batch in (('classmix', args.time_batch), ('supervised', 2)):
     for reco in (False, True):
-      config = make_config(method, reco, batch, size, args.recompute_labelled)
+      config = make_config(method, reco, batch, size, args.recompute_labelled,
+                           precision=args.precision)
       secs, cpu, compile_s, loss = seconds_per_step(config, model, mesh, state, size, rng,
                                                     args.steps)
       timing[method, reco] = secs

@@ -18,7 +18,8 @@ METHODS = methods.METHODS
 
 # Choices checked by `parse_arg` for the keys that take one of a few strings.
 CHOICES = {'method': METHODS, 'partial': names.PARTIALS, 'backbone': names.MODELS,
-           'split': tuple(names.LABELLED_POOLS), 'pretrain': names.PRETRAINS}
+           'split': tuple(names.LABELLED_POOLS), 'pretrain': names.PRETRAINS,
+           'subset': names.SUBSETS, 'precision': tuple(names.PRECISIONS)}
 
 _TRUE = ('true', 't', 'yes', 'y', '1')
 _FALSE = ('false', 'f', 'no', 'n', '0')
@@ -109,7 +110,12 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
     dataset: per-dataset fields (dataset, num_classes, min_classes, crop_size, scale_range,
       eval_size, batch_size, eval_batch_size, ...; dicts update `model` and `optimizer`),
       set over `base_config()`; batch_size is the images of each branch per step.
-    arg: `labels=N,partial=p1,method=cutmix,reco=False,seed=S,backbone=deeplabv2,runlocal`.
+    arg: `labels=N,partial=p1,method=cutmix,reco=False,seed=S,backbone=deeplabv2,runlocal`;
+      `subset=uniform|class_balanced` (default class_balanced, uniform for method=supervised
+      or pseudo_label with pretrain=within|cross); `precision=bf16` computes the model's
+      convolutions and matmuls in bfloat16 (config.model.dtype; default fp32);
+      `init_weights=imagenet|none|PATH` where the backbone starts (default the dataset's
+      field, else from scratch; see reco_jax/models/imagenet.py).
     default_labels: labelled images when `labels` is not given.
 
   Returns:
@@ -119,7 +125,11 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   """
   args, given = _parse(arg, dict(labels=default_labels, partial='', method='classmix',
                                  reco=True, seed=0, backbone='deeplabv3p', split='',
-                                 unlabelled_fraction=1.0, pretrain='none', runlocal=False))
+                                 unlabelled_fraction=1.0, pretrain='none',
+                                 subset=names.SUBSETS[0], precision='fp32',
+                                 init_weights=dataset.get('init_weights',
+                                                          base_config().init_weights),
+                                 runlocal=False))
   c = base_config()
   for key, value in dict(dataset).items():
     if isinstance(value, Mapping):  # Nested fields (model, optimizer) are updated, not replaced.
@@ -149,8 +159,13 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   if 'reco' not in given and (args.pretrain != 'none' or args.method == 'pseudo_label'):
     # Zhao et al.'s settings have no ReCo; reco=True adds it to the (fine-)tuning.
     c.reco = False
+  # Zhao et al.'s label settings are uniform fractions of the train images.
+  zhao = args.pretrain != 'none' and args.method in ('supervised', 'pseudo_label')
+  c.subset = 'uniform' if zhao and 'subset' not in given else args.subset
   c.seed = args.seed
   c.model.name = args.backbone
+  c.model.dtype = names.PRECISIONS[args.precision]
+  c.init_weights = args.init_weights
   if args.runlocal:
     apply_runlocal(c)
   return c
@@ -159,8 +174,11 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
 def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   """Shrinks a config to a smoke run: tiny model, small crops and batches, a few steps.
 
-  The toy dataset switches to its 48-image 'tiny' variant.
+  The toy dataset switches to its 48-image 'tiny' variant. The tiny backbone has no ImageNet
+  weights: init_weights=imagenet becomes none.
   """
+  if c.init_weights == names.IMAGENET:
+    c.init_weights = names.SCRATCH
   if c.dataset == 'reco_toy':
     c.dataset = 'reco_toy/tiny'
     c.labels = min(c.labels, 16)

@@ -9,11 +9,14 @@ Everything else is the paper's VOC setting; override any field with --config.FIE
 (e.g. --config.crop_size='(257, 257)' --config.batch_size=4).
 
 Arguments: data=FOLDER (required; no commas in the path), labels=N (0 = all, default 50),
-partial=p0|p1|p5|p25, method=..., reco=True|False, pretrain=..., seed=S, backbone=..., runlocal.
+partial=p0|p1|p5|p25, method=..., reco=True|False, pretrain=..., seed=S, backbone=...,
+subset=class_balanced|uniform, precision=fp32|bf16, init_weights=imagenet|none|PATH (default
+imagenet), runlocal.
 """
 import pathlib
 
 from configs import common
+from reco_jax import names
 from reco_jax import own_data
 
 
@@ -37,5 +40,6 @@ def get_config(arg=None):
   return common.paper_config(
       dict(dataset='reco_folder', data_dir=own_data.data_dir(folder), manual_dir=str(folder),
            num_classes=len(own_data.class_names(folder)), min_classes=1, crop_size=crop,
-           scale_range=(0.5, 1.5), eval_size=eval_size, batch_size=10, eval_batch_size=4),
+           scale_range=(0.5, 1.5), eval_size=eval_size, batch_size=10, eval_batch_size=4,
+           init_weights=names.IMAGENET),
       rest, default_labels=50)

@@ -8,8 +8,9 @@ reaches in this budget: benchmarks/results/label_efficiency.md.
 
 Arguments as the paper configs: labels=N (0 = all, default 30), partial=p0|p1|p5|p25,
 method=supervised|cutout|cutmix|classmix|s4gan|pseudo_label, reco=True|False, seed=S,
-backbone=deeplabv3p|deeplabv2, pretrain=none|within|cross, runlocal (a few steps on the
-48-image 'reco_toy/tiny').
+backbone=deeplabv3p|deeplabv2, pretrain=none|within|cross, subset=class_balanced|uniform,
+precision=fp32|bf16, init_weights=none|PATH (default none: the tiny backbone has no ImageNet
+weights), runlocal (a few steps on the 48-image 'reco_toy/tiny').
 """
 from configs import common
 

@@ -15,6 +15,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_classes = 21
   c.labels = 200
   c.min_classes = 3
+  # The labelled images: ReCo's class-balanced draw, or 'uniform' as Zhao et al.'s fractions.
+  c.subset = 'class_balanced'
   c.partial = ''
   # Where the labelled subset comes from: '' = every train image (ReCo paper Table 1);
   # 'pseudoseg' = VOC's original 1,464-image train list (the PseudoSeg partition, Table 2).
@@ -30,10 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 4
   c.method = 'classmix'
   c.reco = True
+  # model.dtype: the compute dtype of convolutions and matmuls, 'float32' or 'bfloat16' (the
+  # config argument precision=fp32|bf16, names.PRECISIONS); parameters, optimiser state, the
+  # teacher, BatchNorm statistics, losses and ReCo's sampling stay float32.
   c.model = ml_collections.ConfigDict(dict(
       name='deeplabv3p', backbone='resnet101', output_stride=16, rep_dim=256,
       dtype='float32'))
-  c.init_weights = ''
+  # Where the network starts: 'imagenet' (torchvision's ImageNet weights of model.backbone, as
+  # the reference; the paper configs' default), 'none' (from scratch) or a weights path.
+  c.init_weights = 'none'
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
       min_learning_rate=1e-6))

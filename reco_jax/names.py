@@ -16,10 +16,28 @@ PARTIALS = ('',) + tuple(PARTIAL_FRACTIONS)
 # 2021) with the within-image or the cross-image loss, or none.
 PRETRAINS = ('none', 'within', 'cross')
 
+# config.subset: how the labelled images are drawn from the train images. 'class_balanced' is
+# ReCo's rule (`splits.select_labelled`); 'uniform' a seeded uniform sample, as Zhao et al.'s
+# label fractions (`splits.select_uniform`).
+SUBSETS = ('class_balanced', 'uniform')
+
 # Segmentation networks (config.model.name).
 MODELS = ('deeplabv3p', 'deeplabv2')
+
+# config precision=...: the compute dtype (config.model.dtype) of the model's convolutions and
+# matmuls. Parameters, optimiser state, the teacher, BatchNorm statistics, losses and ReCo's
+# sampling stay float32 either way.
+PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16'}
 
 # config.split: the pools the labelled subset may be drawn from, with the shipped id list of
 # each ('' = every train image). PseudoSeg's partition (ReCo paper Table 2) draws from the
 # 1,464 images of VOC 2012's original segmentation train list.
 LABELLED_POOLS = {'': None, 'pseudoseg': 'voc_train_1464.txt'}
+
+# config.init_weights: IMAGENET starts the backbone from torchvision's ImageNet weights of
+# config.model.backbone (reco_jax/models/imagenet.py); SCRATCH (or '', as older configs have
+# it) from the random initialisation; any other value is the path of a weights file or of a
+# converted directory (reco_jax/models/convert.py).
+IMAGENET = 'imagenet'
+SCRATCH = 'none'
+SCRATCH_VALUES = (SCRATCH, '')

@@ -4,11 +4,13 @@ method=pseudo_label (Zhao et al., supplementary section 2) trains a first model 
 labelled images, labels every unlabelled training image with it, and trains the final model on
 labelled + pseudo-labelled images. The labels are predicted at the full image resolution (the
 image padded like an evaluation image, `predict.predict_images`' buckets), argmax, with the
-pixels whose softmax confidence is below config.pseudo_label_threshold set to void. They are
-written once into a folder as TFRecord shards of {image_id, PNG label} (one per process) and a
+pixels whose softmax confidence is below config.pseudo_label_threshold set to void; each
+process predicts its share of the images data parallel over all its devices. They are written
+once into a folder as TFRecord shards of {image_id, PNG label} (one per process) and a
 manifest, which is written last: a folder without its manifest is incomplete, is never read,
 and is written again from the start.
 """
+from collections.abc import Sequence
 import json
 
 from etils import epath
@@ -33,50 +35,69 @@ def _shard_name(index: int, count: int) -> str:
   return f'labels-{index:05d}-of-{count:05d}.tfrecord'
 
 
-def make_label_fn(model, threshold: float):
-  """Jitted label_fn(variables, images [B, H, W, 3]) -> uint8 [B, H, W] (255 = below threshold)."""
+def make_label_fn(model, threshold: float, mesh: jax.sharding.Mesh | None = None):
+  """Jitted label_fn(variables, images [B, H, W, 3]) -> uint8 [B, H, W] (255 = below threshold).
+
+  With a mesh, the labels come back sharded on the batch axis like the images.
+  """
   def label_fn(variables, images):
     logits, _ = model.apply(variables, images, train=False)
     prob = jax.nn.softmax(common.upsample(logits, images.shape[1:3]), axis=-1)
     classes = jnp.argmax(prob, axis=-1)
     confident = jnp.max(prob, axis=-1) >= threshold
     return jnp.where(confident, classes, names.VOID).astype(jnp.uint8)
-  return jax.jit(label_fn)
+  out = parallel.data_sharding(mesh) if mesh is not None else None
+  return jax.jit(label_fn, out_shardings=out)
 
 
-def predict_labels(model, variables, images, *, eval_size, batch_size: int,
-                   threshold: float) -> list[np.ndarray]:
-  """uint8 [h, w] pseudo-labels of uint8 [h, w, 3] images (variables on one device).
+def predict_labels(label_fn, variables, images, *, mesh: jax.sharding.Mesh, eval_size,
+                   batch_size: int) -> list[np.ndarray]:
+  """uint8 [h, w] pseudo-labels of uint8 [h, w, 3] images, data parallel over `mesh`.
 
-  Images are padded to `inference.bucket_size(size, eval_size)` and run in batches of
-  `batch_size` (the last one zero-padded), so there are few compiled shapes.
+  label_fn: `make_label_fn(model, threshold, mesh)`; variables: replicated on `mesh`, whose
+  devices are all this process's. Images are padded to `inference.bucket_size(size,
+  eval_size)` and run in batches of `batch_size` (the last one zero-padded; a multiple of the
+  mesh size), each split over the devices, so there are few compiled shapes.
   """
-  label_fn = make_label_fn(model, float(threshold))
-  return inference.map_in_buckets(lambda batch: jax.device_get(label_fn(variables, batch)),
-                                  images, eval_size, batch_size)
+  return inference.map_in_buckets(
+      lambda batch: jax.device_get(label_fn(variables, parallel.shard_batch(mesh, batch))),
+      images, eval_size, batch_size)
 
 
 def write(folder: str | epath.Path, config: ml_collections.ConfigDict, model, variables,
-          builder, ids, *, source: str, chunk: int = 64) -> int:
+          builder, ids, *, source: str, chunk: int = 64,
+          devices: Sequence[jax.Device] | None = None) -> int:
   """Labels the train images `ids` with the model and writes the dataset into `folder`.
 
-  Every process labels its share of `ids` (`pipeline.decoded_images`) on its first local
-  device and writes one shard; process 0 writes the manifest once every shard is written. An incomplete
-  folder left by a killed run is removed first. Returns the number of images this process
-  labelled. source: the checkpoint the model came from (recorded in the manifest).
+  Every process labels its share of `ids` (`pipeline.decoded_images`) on all its local
+  devices and writes one shard; process 0 writes the manifest once every shard is written.
+  The mesh is the process's own devices, not all of the run's: the shares differ in number
+  and image sizes, so each process runs its own sequence of fixed-shape batches (per process
+  config.eval_batch_size / process count, split over the local devices) and none waits for
+  another's. An incomplete folder left by a killed run is removed first. Returns the number
+  of images this process labelled.
+
+  source: the checkpoint the model came from (recorded in the manifest); variables: the
+  model's, replicated (on any devices); devices: this process's devices to predict on
+  (default all of them).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   folder = epath.Path(folder)
   index, count = jax.process_index(), jax.process_count()
+  devices = list(devices or jax.local_devices())
+  if any(d.process_index != index for d in devices):
+    raise ValueError(f'write: process {index} can predict on its own devices only; got '
+                     f'{devices}.')
   if index == 0:
     if folder.exists():
       folder.rmtree()
     folder.mkdir(parents=True)
   parallel.sync('pseudo_labels_folder')
-  batch = max(1, int(config.eval_batch_size) // count)
-  # Each process labels its own images alone: the model goes to its first local device.
-  variables = jax.device_put(parallel.to_host(variables), jax.local_devices()[0])
+  mesh = parallel.make_mesh(devices)
+  batch = max(1, int(config.eval_batch_size) // (count * mesh.size)) * mesh.size
+  variables = jax.device_put(parallel.to_host(variables), parallel.replicated(mesh))
+  label_fn = make_label_fn(model, float(config.pseudo_label_threshold), mesh)
   done = 0
   with tf.io.TFRecordWriter(str(folder / _shard_name(index, count))) as writer:
     stream = pipeline.decoded_images(builder, ids, process_index=index, process_count=count)
@@ -85,9 +106,8 @@ def write(folder: str | epath.Path, config: ml_collections.ConfigDict, model, va
       if item is not None:
         pending.append(item)
       if pending and (item is None or len(pending) == chunk):
-        labels = predict_labels(model, variables, [image for _, image in pending],
-                                eval_size=tuple(config.eval_size), batch_size=batch,
-                                threshold=config.pseudo_label_threshold)
+        labels = predict_labels(label_fn, variables, [image for _, image in pending],
+                                mesh=mesh, eval_size=tuple(config.eval_size), batch_size=batch)
         for (image_id, _), label in zip(pending, labels):
           png = tf.io.encode_png(label[..., None]).numpy()
           example = tf.train.Example(features=tf.train.Features(feature={

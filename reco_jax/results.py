@@ -234,7 +234,8 @@ def load_result(workdir: str | epath.Path) -> RunResult:
 
 
 def _variant(config: dict[str, Any]) -> str:
-  """The ablation switches of Table 4, Fig. 7c and section 4.4 that a run changes, in words."""
+  """The ablation switches of Table 4, Fig. 7c and section 4.4 that a run changes, and a
+  uniform labelled subset (config.subset), in words."""
   words = []
   if config['reco']:
     if config.get('query_mode', 'hard') != 'hard':
@@ -245,6 +246,8 @@ def _variant(config: dict[str, Any]) -> str:
       words.append(f"a bank of {config['reco_bank_size']} keys per class")
   if float(config.get('unlabelled_fraction', 1.0)) != 1.0:
     words.append(f"{float(config['unlabelled_fraction']):.0%} of the unlabelled images")
+  if config['labels'] and config.get('subset', 'class_balanced') == 'uniform':
+    words.append('uniform subset')  # Zhao et al.'s draw, not ReCo's class-balanced one.
   return ', '.join(words)
 
 

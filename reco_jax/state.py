@@ -15,6 +15,7 @@ import optax
 
 from reco_jax import methods
 from reco_jax.losses import reco_bank
+from reco_jax.models import imagenet
 
 # The reference steps its PolyLR once per epoch for 200 epochs of equal length (40k iterations
 # = 200 x 200), so the learning rate is constant within each two-hundredth of training.
@@ -111,13 +112,16 @@ def initialise(init: Callable, *args):
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array,
-                       image_shape: Sequence[int], mesh: jax.sharding.Mesh | None = None
-                       ) -> TrainState:
+                       image_shape: Sequence[int], mesh: jax.sharding.Mesh | None = None, *,
+                       initial_weights: bool = True) -> TrainState:
   """Initialises the student (from config.init_weights when set), its optimiser and teacher.
 
   image_shape: (H, W, 3) or (B, H, W, 3) of a training input; only its size matters.
   key: a jax.random key for the random initialisation.
   mesh: when given, every leaf is placed replicated on it.
+  initial_weights: load config.init_weights ('imagenet': the cached ImageNet weights,
+    fetched first if needed, see reco_jax/models/imagenet.py). False skips it, for a state
+    that only gives the structure of a checkpoint to restore or whose weights are replaced.
   The teacher starts as a copy of the student (separate buffers, so the state can be donated).
   A method module with `init_extras(config, key, state) -> dict` (config.method) fills
   `extras` from it, with a key of its own derived from `key`.
@@ -137,9 +141,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   variables = dict(variables)
   if 'batch_stats' not in variables:
     variables['batch_stats'] = {}
-  init_weights = config.get('init_weights', '')
-  if init_weights:
-    variables = _load_initial_weights(init_weights, variables)
+  if initial_weights:
+    weights = imagenet.resolve(config.get('init_weights', ''),
+                               config.get('model', {}).get('backbone'),
+                               progress=jax.process_index() == 0)
+    if weights.path:
+      variables = _load_initial_weights(weights.path, variables)
   return create_train_state_from(config, model, variables, key, shape, mesh=mesh)
 
 

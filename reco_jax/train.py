@@ -41,6 +41,7 @@ from reco_jax import workdir as workdir_lib
 from reco_jax.data import base
 from reco_jax.data import toy
 from reco_jax.methods import contrastive_pretraining
+from reco_jax.models import imagenet
 
 _DEEPLABV3P_ONLY = ('output_stride', 'aspp_dim', 'low_level_dim', 'head_dim')
 
@@ -83,6 +84,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.split not in names.LABELLED_POOLS:
     raise ValueError(f'config.split={config.split!r}: expected one of '
                      f'{tuple(names.LABELLED_POOLS)}.')
+  if config.subset not in names.SUBSETS:
+    raise ValueError(f'config.subset={config.subset!r}: expected one of {names.SUBSETS}.')
   if not 0.0 < config.unlabelled_fraction <= 1.0:
     raise ValueError(f'config.unlabelled_fraction={config.unlabelled_fraction}: expected a '
                      'fraction in (0, 1].')
@@ -92,6 +95,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.get('name') not in names.MODELS:
     raise ValueError(f'config.model.name={config.model.get("name")!r}: expected one of '
                      f'{names.MODELS}.')
+  if config.model.get('dtype', 'float32') not in names.PRECISIONS.values():
+    raise ValueError(f'config.model.dtype={config.model.get("dtype")!r}: expected one of '
+                     f'{tuple(names.PRECISIONS.values())} (the config argument precision='
+                     f'{"|".join(names.PRECISIONS)} sets it).')
   for name in ('num_classes', 'batch_size', 'eval_batch_size', 'num_train_steps',
                'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                'keep_checkpoints', 'num_queries', 'num_negatives'):
@@ -235,7 +242,8 @@ def _train_iterators(config, builder, start_batch: int, *, branches, pseudo=None
       labelled_pool=_labelled_pool(config.split),
       unlabelled_fraction=float(config.unlabelled_fraction),
       pseudo_labels=pseudo,
-      hue_jitter=float(config.hue_jitter))
+      hue_jitter=float(config.hue_jitter),
+      subset=config.subset)
   return pipeline.train_iterators(builder, **kwargs)
 
 
@@ -405,7 +413,8 @@ def initial_state(stage: stages.Stage, run_dir: epath.Path, model, mesh) -> stat
   config = stage.config
   init_key, _ = jax.random.split(jax.random.key(config.seed))
   state = state_lib.create_train_state(config, model, init_key,
-                                       (*tuple(config.crop_size), 3), mesh=mesh)
+                                       (*tuple(config.crop_size), 3), mesh=mesh,
+                                       initial_weights=stage.init_from is None)
   if stage.init_from is None:
     return state
   source = stages.Stage(stage.init_from, stages.PRETRAIN,
@@ -445,10 +454,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = epath.Path(workdir)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-  builder = _prepare_dataset(config)
-  mesh = parallel.make_mesh()
   plan = stages.plan(config)
   console = console_lib.Console(1, enabled=jax.process_index() == 0)
+  _initial_weights(config, plan, workdir, console)
+  builder = _prepare_dataset(config)
+  mesh = parallel.make_mesh()
   if len(plan) > 1 and jax.process_index() == 0:
     _write_config(config, workdir)
     stages.write_index(config, workdir)
@@ -462,6 +472,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       state = _train_stage(stage, workdir, where, builder, mesh)
   return state
+
+
+def _initial_weights(config, plan, workdir: epath.Path, console) -> None:
+  """Resolves config.init_weights before the data is prepared, if a stage starts from them
+  (one without checkpoints and not initialised from a pretraining stage): ImageNet weights
+  are fetched now, so that an offline run fails at once, naming the file to place. Says
+  which initial weights the run uses."""
+  def started(stage):
+    directory = (workdir / stage.folder if stage.folder else workdir) / workdir_lib.CHECKPOINTS
+    return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+  if any(s.kind != stages.PSEUDO_LABELS and s.init_from is None and not started(s)
+         for s in plan):
+    weights = imagenet.prepare(config.init_weights, config.model.backbone)
+    logging.info('Initial weights: %s.', weights.description)
+    console.say(f'Initial weights: {weights.description}.')
 
 
 def _describe(stage: stages.Stage) -> str:
@@ -506,7 +532,8 @@ def _labelled_ids(config, builder) -> list[str]:
   ids, classes = pipeline.train_ids_and_classes(builder)
   return pipeline.labelled_subset(ids, classes, config.labels, min_classes=config.min_classes,
                                   num_classes=config.num_classes, seed=config.seed,
-                                  labelled_pool=_labelled_pool(config.split))
+                                  labelled_pool=_labelled_pool(config.split),
+                                  subset=config.subset)
 
 
 class _SegmentationEval:
@@ -581,7 +608,8 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
   if start:
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     state = state_lib.create_train_state(config, model, init_key,
-                                         (*tuple(config.crop_size), 3), mesh=mesh)
+                                         (*tuple(config.crop_size), 3), mesh=mesh,
+                                         initial_weights=False)
     state = manager.restore(start, args=ocp.args.StandardRestore(workdir_lib.abstract(state)))
     if int(parallel.to_host(state.step)) != start:
       raise ValueError(f'Checkpoint {start} in {checkpoint_dir} holds step '

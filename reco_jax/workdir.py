@@ -181,10 +181,9 @@ def restore_state(config: ml_collections.ConfigDict, model: nn.Module,
   dtype and (replicated on `mesh`) sharding. config.init_weights is not read: the checkpoint
   replaces whatever the initialisation would load.
   """
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.init_weights = ''
   like = state_lib.create_train_state(config, model, jax.random.key(0),
-                                      (*tuple(config.crop_size), 3), mesh=mesh)
+                                      (*tuple(config.crop_size), 3), mesh=mesh,
+                                      initial_weights=False)
   target = abstract(like)
   del like
   options = ocp.CheckpointManagerOptions(create=False)

@@ -1,4 +1,5 @@
 """Dataset configs: paper defaults, typed arguments, clear errors."""
+import jax.numpy as jnp
 import pytest
 
 from configs import cityscapes
@@ -78,6 +79,55 @@ def test_misspelt_key_lists_valid_keys():
 def test_bad_value_says_what_was_expected(arg, expected):
   with pytest.raises(ValueError, match=expected):
     cityscapes.get_config(arg)
+
+
+@pytest.mark.parametrize('arg, subset', [
+    ('', 'class_balanced'),  # ReCo's settings
+    ('method=classmix', 'class_balanced'),
+    ('method=supervised', 'class_balanced'),
+    ('method=pseudo_label', 'class_balanced'),
+    ('method=classmix,pretrain=within', 'class_balanced'),
+    ('method=supervised,pretrain=within', 'uniform'),  # Zhao et al.'s settings
+    ('method=supervised,pretrain=cross', 'uniform'),
+    ('method=pseudo_label,pretrain=within', 'uniform'),
+    ('method=supervised,pretrain=within,subset=class_balanced', 'class_balanced'),
+    ('method=classmix,subset=uniform', 'uniform'),
+])
+def test_subset_defaults_to_uniform_in_zhaos_settings_unless_given(arg, subset):
+  for module in (voc, cityscapes, toy):
+    assert module.get_config(arg).subset == subset
+
+
+def test_zhaos_label_counts_are_accepted():
+  for module, labels in ((voc, 2118), (cityscapes, 596)):
+    c = module.get_config(f'labels={labels},method=supervised,pretrain=within')
+    assert (c.labels, c.subset) == (labels, 'uniform')
+    # runlocal: batches that split over the tests' 4 devices (and no cap on labels).
+    small = module.get_config(f'labels={labels},method=pseudo_label,pretrain=within,runlocal')
+    assert (small.labels, small.subset) == (labels, 'uniform')
+    train.validate_config(small)
+  with pytest.raises(ValueError, match='expected one of class_balanced, uniform'):
+    voc.get_config('subset=random')
+  bad = voc.get_config()
+  bad.subset = 'random'
+  with pytest.raises(ValueError, match='config.subset'):
+    train.validate_config(bad)
+
+
+def test_precision_sets_the_models_compute_dtype_only():
+  for module in (voc, cityscapes, sun, toy):
+    fp32, bf16 = module.get_config(), module.get_config('precision=bf16')
+    assert (fp32.model.dtype, bf16.model.dtype) == ('float32', 'bfloat16')
+    fp32.unlock().model.dtype = 'bfloat16'
+    assert fp32.to_dict() == bf16.to_dict()  # Nothing else changes.
+    assert train.build_model(bf16).dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match='expected one of fp32, bf16'):
+    voc.get_config('precision=fp16')
+  good = toy.get_config('precision=bf16,runlocal')
+  train.validate_config(good)
+  good.model.dtype = 'float16'
+  with pytest.raises(ValueError, match=r'config.model.dtype.*precision=fp32\|bf16'):
+    train.validate_config(good)
 
 
 def test_partial_uses_every_image():

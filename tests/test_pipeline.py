@@ -255,6 +255,26 @@ def test_labelled_subset_is_drawn_from_the_pool(builder):
     _train(builder, labelled_pool=pool, num_labels=20)
 
 
+def test_uniform_subset_is_the_seeded_uniform_draw(builder):
+  from reco_jax.data import splits  # pylint: disable=g-import-not-at-top
+  ids, classes = pipeline.train_ids_and_classes(builder)
+  drawn = {}
+  for seed in (0, 1):
+    labelled, _, drawn[seed] = _train(builder, num_labels=6, subset='uniform', seed=seed,
+                                      unlabelled_batch=0)
+    assert drawn[seed] == splits.select_uniform(ids, 6, seed=seed)
+    assert next(labelled)['image'].shape == (4, 40, 48, 3)
+  assert drawn[0] != drawn[1]
+  # A min_classes that no image meets: the class-balanced rule fails, uniform never looks.
+  with pytest.raises(ValueError, match='with at least 99 classes'):
+    pipeline.labelled_subset(ids, classes, 6, min_classes=99, num_classes=NUM_CLASSES, seed=0)
+  assert pipeline.labelled_subset(ids, classes, 6, min_classes=99, num_classes=NUM_CLASSES,
+                                  seed=0, subset='uniform') == drawn[0]
+  with pytest.raises(ValueError, match="subset='random'"):
+    pipeline.labelled_subset(ids, classes, 6, min_classes=2, num_classes=NUM_CLASSES, seed=0,
+                             subset='random')
+
+
 def test_a_fraction_of_the_unlabelled_images_feeds_the_unlabelled_stream(builder):
   ids = [f'i{n}' for n in range(40)]
   labelled = ids[:8]

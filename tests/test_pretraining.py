@@ -2,6 +2,7 @@
 pseudo-labels, config errors."""
 import json
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,8 @@ def test_stage_plans():
   assert plan[2].pseudo_labels == 'stage0/finetune'
   assert plan[3].pseudo_labels == plan[4].pseudo_labels == 'pseudo_labels'
   assert plan[4].init_from == 'pretrain' and plan[1].init_from == 'stage0/pretrain'
+  # Every stage draws the same labelled images: Zhao et al.'s uniform subset.
+  assert {s.config.subset for s in plan} == {'uniform'}
   # Zhao et al.'s settings have no ReCo unless asked for.
   assert not toy.get_config('method=supervised,pretrain=within').reco
   assert toy.get_config('method=classmix,pretrain=within,reco=True').reco
@@ -241,6 +244,41 @@ def test_pseudo_labels_are_the_models_predictions(toy_data_dir, tmp_path):  # no
     prob = jax.nn.softmax(steps.common.upsample(logits, config.eval_size), -1)[0]
     expected = np.where(np.max(prob, -1) >= 0.15, np.argmax(prob, -1), 255)
     np.testing.assert_array_equal(label, expected[:image.shape[0], :image.shape[1]])
+
+
+def test_pseudo_labels_on_four_devices_are_those_of_one(toy_data_dir, tmp_path,  # noqa: F811
+                                                        monkeypatch):
+  # The untrained model's confidences are 0.119-0.138: about half the pixels become void.
+  config = tiny_config(toy_data_dir, method='supervised', pseudo_label_threshold=0.124)
+  builder = base.prepare(config.dataset, config.data_dir)
+  model = train.build_model(config)
+  mesh = parallel.make_mesh()
+  state = state_lib.create_train_state(config, model, jax.random.key(3), (*config.crop_size, 3),
+                                       mesh=mesh)
+  variables = state.student_variables()  # replicated over the 4 devices, as in training
+  ids = pipeline.train_ids_and_classes(builder)[0][:7]
+  batches = []
+  shard_batch = parallel.shard_batch
+  monkeypatch.setattr(parallel, 'shard_batch', lambda where, batch: (
+      batches.append((where.size, batch.shape[0])) or shard_batch(where, batch)))
+  stored, manifests = {}, {}
+  # One device in one chunk; four devices in chunks of 5 and 2 images, each a padded batch.
+  for devices, chunk in ((1, 64), (4, 5)):
+    folder = tmp_path / f'devices{devices}'
+    done = pseudo_labels.write(folder, config, model, variables, builder, ids, source='test',
+                               chunk=chunk, devices=jax.local_devices()[:devices])
+    assert done == len(ids)
+    stored[devices] = pseudo_labels.read(folder)
+    manifests[devices] = json.loads((folder / pseudo_labels.MANIFEST).read_text())
+  assert batches == [(1, 4), (1, 4), (4, 4), (4, 4), (4, 4)]  # eval_batch_size 4 per step
+  assert sorted(stored[4]) == sorted(stored[1]) == sorted(ids)
+  assert stored[4] == stored[1]  # every label's PNG bytes
+  assert manifests[4] == manifests[1]
+  labels = np.concatenate([pseudo_labels.decode(png).ravel() for png in stored[4].values()])
+  assert 0.1 < np.mean(labels == 255) < 0.9 and len(np.unique(labels)) >= 3
+  with pytest.raises(ValueError, match='its own devices'):
+    pseudo_labels.write(tmp_path / 'other', config, model, variables, builder, ids,
+                        source='test', devices=[types.SimpleNamespace(process_index=1)])
 
 
 def test_training_stream_reads_pseudo_labels_in_place_of_labels(toy_data_dir):  # noqa: F811

@@ -109,6 +109,46 @@ def test_impossible_requests_raise_quickly(num_labels, min_classes, match):
   assert time.monotonic() - t0 < 5
 
 
+def test_uniform_subset_is_seeded_and_reproducible():
+  ids, _ = _random_dataset()
+  a = splits.select_uniform(ids, 40, seed=3)
+  assert len(a) == len(set(a)) == 40 and set(a) <= set(ids)
+  assert splits.select_uniform(list(reversed(ids)), 40, seed=3) == a  # input order no matter
+  assert splits.select_uniform(ids, 40, seed=4) != a
+  assert splits.select_uniform(ids, 10, seed=3) == a[:10]  # a smaller budget is nested
+  assert splits.select_uniform(ids, 0, seed=3) == sorted(ids)
+  with pytest.raises(ValueError, match='only 300'):
+    splits.select_uniform(ids, 301, seed=0)
+  with pytest.raises(ValueError, match='unique'):
+    splits.select_uniform(['a', 'a'], 1, seed=0)
+
+
+def test_uniform_subset_ignores_the_class_rule():
+  ids, classes = _random_dataset()
+  present = {i: [c for c in cs if c != 255] for i, cs in zip(ids, classes)}
+  # Class 5 is in 5 of the 300 images: the class-balanced rule takes all 5, a uniform draw of
+  # 40 about 0.7 of them on average (all 5 with odds below 1e-4).
+  rare = {f'img{i:04d}' for i in range(5)}
+  kw = dict(min_classes=2, num_classes=6)
+  assert all(rare <= set(splits.select_labelled(ids, classes, 40, seed=s, **kw))
+             for s in range(3))
+  assert not any(rare <= set(splits.select_uniform(ids, 40, seed=s)) for s in range(20))
+  # Nor does min_classes apply: images of one class are drawn (about a third of them)...
+  assert any(len(present[i]) == 1 for i in splits.select_uniform(ids, 40, seed=0))
+  # ...and a budget the class-balanced rule cannot meet stays an error there only.
+  with pytest.raises(ValueError, match='with at least 4 classes each'):
+    splits.select_labelled(ids, classes, 40, min_classes=4, num_classes=6, seed=0)
+  assert len(splits.select_uniform(ids, 40, seed=0)) == 40
+
+
+@pytest.mark.parametrize('total, labels', [(10582, 2118), (2975, 596)])
+def test_zhaos_label_fractions_are_drawn_in_full(total, labels):
+  # Zhao et al.'s settings: VOC 2,118 of 10,582 train images, Cityscapes 596 of 2,975.
+  ids = [f'img{i:05d}' for i in range(total)]
+  chosen = splits.select_uniform(ids, labels, seed=0)
+  assert len(set(chosen)) == labels and set(chosen) <= set(ids)
+
+
 def test_bad_inputs_raise():
   with pytest.raises(ValueError, match='one list of present classes per id'):
     splits.select_labelled(['a', 'b'], [[0]], 1, min_classes=1, num_classes=2, seed=0)

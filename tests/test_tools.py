@@ -372,6 +372,20 @@ def test_results_name_ablation_rows_by_their_switches(tmp_path):
   assert all(len(runs) == 1 for runs in table.runs.values())  # every cell its own run
 
 
+def test_results_keep_uniform_subsets_apart_from_class_balanced_ones(tmp_path):
+  for name, subset in (('balanced', 'class_balanced'), ('uniform', 'uniform'), ('old', None)):
+    switches = {'subset': subset} if subset else {}  # 'old': a config.json before the field
+    fake_run(tmp_path / name, labels=20, method='supervised', reco=False, seed=0,
+             miou={40000: 0.5}, steps_done=40000, **switches)
+  fake_run(tmp_path / 'all', labels=0, method='supervised', reco=False, seed=1,
+           miou={40000: 0.5}, steps_done=40000, subset='uniform')
+  [table] = results.make_tables(
+      [results.load_result(tmp_path / n) for n in ('balanced', 'uniform', 'old', 'all')])
+  assert sorted(table.rows) == ['Supervised', 'Supervised, uniform subset']
+  assert len(table.runs['Supervised', '20 labels']) == 2
+  assert len(table.runs['Supervised', 'all labels']) == 1  # every image: no subset to draw
+
+
 def test_results_table_means_ranges_and_unfinished_runs(tmp_path):
   sweep = _sweep_module()
   grid = {(r.dataset, r.name, r.config_arg): r.subdir for r in sweep.table1(['voc'], [0, 1, 2])}

@@ -186,13 +186,40 @@ def test_train_iterators_take_the_configs_data_fields(monkeypatch):
   monkeypatch.setattr(pipeline, 'train_iterators',
                       lambda builder, **kwargs: seen.update(kwargs, builder=builder))
   config = tiny_config('unused', hue_jitter=0.1, scale_range=(0.5, 1.5), labels=7,
-                       unlabelled_fraction=0.5, seed=3)
+                       unlabelled_fraction=0.5, seed=3, subset='uniform')
   train._train_iterators(config, 'the builder', 5, branches=(1, 1))
   assert seen['builder'] == 'the builder' and seen['start_batch'] == 5
   assert seen['hue_jitter'] == 0.1 and seen['scale_range'] == (0.5, 1.5)
   assert seen['num_labels'] == 7 and seen['unlabelled_fraction'] == 0.5 and seen['seed'] == 3
   assert seen['labelled_batch'] == seen['unlabelled_batch'] == config.batch_size
   assert seen['crop_size'] == tuple(config.crop_size)
+  assert seen['subset'] == 'uniform'
+
+
+@pytest.mark.parametrize('arg, subset', [
+    ('runlocal,method=supervised,pretrain=within', 'uniform'),
+    ('runlocal', 'class_balanced'),
+    ('runlocal,method=pseudo_label,pretrain=within,subset=class_balanced', 'class_balanced')])
+def test_the_subset_argument_reaches_the_labelled_id_selection(monkeypatch, arg, subset):
+  """The config argument decides the draw of the training streams and of the pseudo-label
+  stage's labelled ids (train._labelled_ids) alike."""
+  from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from reco_jax.data import splits  # pylint: disable=g-import-not-at-top
+  ids = [f'train_{i:05d}' for i in range(48)]
+  classes = [np.array([i % 9]) for i in range(48)]  # one class each: below min_classes
+  monkeypatch.setattr(pipeline, 'train_ids_and_classes', lambda builder: (ids, classes))
+  drawn = []
+  real = pipeline.labelled_subset
+  monkeypatch.setattr(pipeline, 'labelled_subset',
+                      lambda *a, **kw: drawn.append(kw['subset']) or real(*a, **kw))
+  config = toy.get_config(arg)
+  if subset == 'uniform':
+    assert train._labelled_ids(config, 'the builder') == splits.select_uniform(
+        ids, config.labels, seed=config.seed)
+  else:
+    with pytest.raises(ValueError, match='at least 2 classes'):
+      train._labelled_ids(config, 'the builder')
+  assert drawn == [subset]
 
 
 def test_missing_dataset_says_what_to_do(tmp_path):

@@ -13,6 +13,10 @@ computed:
   add like a random walk; n * EPS is the worst case). The tiny tests' largest sums run over
   4 images x 33 x 33 pixels = 4,356 terms: sqrt(n) * EPS = 8e-6. `ONE_PASS` = 1e-5 covers one
   such reduction per quantity compared, relative to its magnitude.
+- **A deep forward pass in two libraries** (the PyTorch parity tests: XLA against oneDNN, about
+  18 convolutions of a tiny DeepLab with BatchNorm between them): each layer adds its own
+  rounding to what it receives, so the error relative to the output's largest value grows with
+  depth; `DEEP_PASS` = 1e-4, ten passes' worth.
 - **Several training steps in two reduction orders.** Each step starts from the previous step's
   differences and can amplify them: the update divides by BatchNorm's batch deviation, momentum
   carries them on, and a changed gradient changes every later forward pass. No finite bound
@@ -37,6 +41,7 @@ import numpy as np
 
 EPS = float(np.finfo(np.float32).eps)
 ONE_PASS = 1e-5
+DEEP_PASS = 10 * ONE_PASS
 STEP_GROWTH = 10.0
 _LOG = os.environ.get('RECO_JAX_TOLERANCE_LOG')
 

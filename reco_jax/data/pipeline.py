@@ -263,8 +263,16 @@ def _partial_fn(mode: str, seed: int):
 
 def labelled_subset(ids: Sequence[str], classes: Sequence[np.ndarray], num_labels: int, *,
                     min_classes: int, num_classes: int, seed: int,
-                    labelled_pool: Sequence[str] | None = None) -> list[str]:
-  """The labelled image ids (`splits.select_labelled`), drawn from `labelled_pool` if given."""
+                    labelled_pool: Sequence[str] | None = None,
+                    subset: str = names.SUBSETS[0]) -> list[str]:
+  """The labelled image ids, drawn from `labelled_pool` if given.
+
+  subset: 'class_balanced' (`splits.select_labelled`, ReCo's rule; min_classes and
+  num_classes apply) or 'uniform' (`splits.select_uniform`, Zhao et al.'s; the classes are
+  not looked at).
+  """
+  if subset not in names.SUBSETS:
+    raise ValueError(f'subset={subset!r}: expected one of {names.SUBSETS}.')
   pool_ids, pool_classes = list(ids), list(classes)
   if labelled_pool is not None:
     pool = set(labelled_pool)
@@ -273,6 +281,8 @@ def labelled_subset(ids: Sequence[str], classes: Sequence[np.ndarray], num_label
     if num_labels > len(pool_ids) or not pool_ids:
       raise ValueError(f'{num_labels} labelled images requested from a pool of '
                        f'{len(pool_ids)} train images ({len(pool)} listed); lower num_labels.')
+  if subset == 'uniform':
+    return splits.select_uniform(pool_ids, num_labels, seed=seed)
   return splits.select_labelled(pool_ids, pool_classes, num_labels, min_classes=min_classes,
                                 num_classes=num_classes, seed=seed)
 
@@ -347,6 +357,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
                     unlabelled_fraction: float = 1.0,
                     pseudo_labels: Mapping[str, bytes] | None = None,
                     hue_jitter: float = P.JITTER_HUE,
+                    subset: str = names.SUBSETS[0],
                     ) -> tuple[Iterator[dict], Iterator[dict] | None, list[str]]:
   """Infinite iterators of this process's training batches.
 
@@ -355,9 +366,10 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
   Unlabelled batches: {'image': float32 [b', h, w, 3]} (b' = unlabelled_batch // process_count),
   random crop only; None when unlabelled_batch == 0.
 
-  Which images: `num_labels` images chosen by `splits.select_labelled` (0 = every train image)
-  are labelled; the others are unlabelled, except with num_labels == 0, where, as in the
-  reference, the unlabelled stream also runs over every image. With `partial` in
+  Which images: `num_labels` images chosen by `splits.select_labelled` (or
+  `splits.select_uniform` with subset='uniform'; 0 = every train image) are labelled; the
+  others are unlabelled, except with num_labels == 0, where, as in the reference, the
+  unlabelled stream also runs over every image. With `partial` in
   {'p0', 'p1', 'p5', 'p25'} every train image is labelled with partial labels
   (`splits.partial_labels`, seeded by `seed` and the image id; num_labels must be 0) and, as in
   the reference's partial-label training, the unlabelled stream runs over the same images and
@@ -385,6 +397,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
       stream with these labels (a model's predictions: method=pseudo_label); their ids must
       not be among the labelled ones. The unlabelled stream is unchanged.
     hue_jitter: the largest hue shift of the labelled images' colour jitter, in turns.
+    subset: how the labelled subset is drawn, one of `names.SUBSETS` (see `labelled_subset`).
 
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
@@ -415,7 +428,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
   ids, classes = train_ids_and_classes(builder)
   labelled_ids = labelled_subset(ids, classes, num_labels, min_classes=min_classes,
                                  num_classes=num_classes, seed=seed,
-                                 labelled_pool=labelled_pool)
+                                 labelled_pool=labelled_pool, subset=subset)
   stream_ids = list(labelled_ids)
   if pseudo_labels:
     if partial:

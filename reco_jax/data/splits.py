@@ -1,8 +1,9 @@
 """Labelled subsets (partial dataset, full labels) and partial labels (full dataset, partial ones).
 
 Both follow the ReCo paper's protocol (section 4.1 and 4.3; the reference's `get_pascal_idx`
-and its partial-label generation) and are deterministic by seed, so every
-process of a multi-host run derives the same subset and the same partial labels on its own.
+and its partial-label generation), except the uniform subsets of Zhao et al.'s settings
+(`select_uniform`), and are deterministic by seed, so every process of a multi-host run
+derives the same subset and the same partial labels on its own.
 """
 from collections.abc import Sequence
 import hashlib
@@ -101,6 +102,40 @@ def select_labelled(ids: Sequence[str], classes: Sequence[Sequence[int]], num_la
     else:
       deferred.append(image_id)
   return chosen
+
+
+def select_uniform(ids: Sequence[str], num_labels: int, *, seed: int) -> list[str]:
+  """Chooses `num_labels` images uniformly at random, whatever their classes.
+
+  Zhao et al.'s label settings are fractions of the training set drawn uniformly (VOC 2,118 of
+  10,582 images, Cityscapes 596 of 2,975), not by ReCo's class-balanced rule
+  (`select_labelled`). The ids are sorted and shuffled with `seed`; the first `num_labels` are
+  chosen, so with one seed a smaller subset is part of every larger one.
+
+  Args:
+    ids: image ids, one per image; their order does not matter.
+    num_labels: how many images to choose; 0 means every image.
+    seed: shuffling seed; the same seed gives the same list.
+
+  Returns:
+    The chosen ids in the order they were drawn (all ids, sorted, when num_labels == 0).
+
+  Raises:
+    ValueError: repeated ids, or `num_labels` outside 0 .. len(ids).
+  """
+  if len(set(ids)) != len(ids):
+    raise ValueError('select_uniform: image ids must be unique.')
+  if num_labels < 0:
+    raise ValueError(f'select_uniform: num_labels must be >= 0 (0 = all images), got '
+                     f'{num_labels}.')
+  if num_labels > len(ids):
+    raise ValueError(f'select_uniform: asked for {num_labels} labelled images but the split has '
+                     f'only {len(ids)}; use num_labels=0 for all of them.')
+  ordered = sorted(ids)
+  if num_labels == 0:
+    return ordered
+  order = np.random.default_rng(seed).permutation(len(ordered))[:num_labels]
+  return [ordered[k] for k in order]
 
 
 def partial_seed(seed: int, image_id: str) -> int:

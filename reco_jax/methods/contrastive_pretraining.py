@@ -47,7 +47,8 @@ class PretrainingNetwork(nn.Module):
     head_dims: widths of the projection head's 1x1 convs, the last one its output.
     embedding_size: (h, w) the features are resized to (bilinear, align_corners) before the
       head; None keeps the decoder resolution.
-  Parameters live under 'segmenter' and 'projection'.
+  Parameters live under 'segmenter' and 'projection'; the head computes in the segmenter's
+  dtype and returns float32.
   """
   segmenter: nn.Module
   head_dims: tuple[int, ...] = (256, 128)
@@ -59,7 +60,8 @@ class PretrainingNetwork(nn.Module):
     features = self.segmenter(images, train)
     head = pixel_contrast.ProjectionHead(
         num_layers=len(self.head_dims), hidden_dim=self.head_dims[0],
-        out_dim=self.head_dims[-1], size=self.embedding_size, name='projection')
+        out_dim=self.head_dims[-1], size=self.embedding_size, dtype=self.segmenter.dtype,
+        name='projection')
     return head(features, train)
 
 
