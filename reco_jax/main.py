@@ -15,6 +15,7 @@ import jax
 from ml_collections import config_flags
 
 from reco_jax import console
+from reco_jax.models import imagenet
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training config file, e.g. configs/voc.py:labels=200.', lock_config=True)
@@ -55,7 +56,11 @@ def main(argv):
                jax.device_count(), jax.devices()[0].platform)
 
   from reco_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (imagenet.DownloadError, imagenet.ChecksumError) as e:
+    # The message says what to do; the network stack's traceback would bury it.
+    raise SystemExit(f'Error: {e}') from None
 
 
 if __name__ == '__main__':
