@@ -6,9 +6,10 @@ with the recomputed labelled pass, on 1 and 4 devices, as recorded in
 `golden_steps.json`. A change that only moves code must reproduce them to 1e-6; a change of a
 loss term, a sampling rule or the update order does not.
 
-XLA rounds differently on CPUs with other vector units (AVX-512 or AVX2 only), and over three
-steps ReCo's thresholds and samples amplify that rounding (up to 5 % by step 3). So the first
-step's metrics are checked everywhere to 1e-5 (a changed constant moves them by 5e-4 or more);
+XLA rounds differently on CPUs with other vector units (AVX-512, AVX2 or SSE only), and over
+three steps ReCo's thresholds and samples amplify that rounding (up to 5 % by step 3). So the
+first step's metrics are checked everywhere to one step's tolerance, 1e-4 (`tolerances.py`; a
+changed constant, such as BT.709 grey weights, moves them by 1e-2 or more);
 where they are bit-identical to the golden ones the machine computes like the one that wrote
 them, and all three steps and the fingerprints are checked to 1e-6.
 
@@ -163,7 +164,7 @@ def test_step_reproduces_golden_values(initial_state, case, monkeypatch):
   assert [sorted(m) for m in result['metrics']] == [sorted(m) for m in want['metrics']]
   first = [(k, v, want['metrics'][0][k]) for k, v in result['metrics'][0].items()]
   assert not [f'step 1 {k}: {got!r} != golden {expected!r}' for k, got, expected in first
-              if not close(got, expected, tolerances.ONE_PASS, max(1.0, abs(expected)))]
+              if not close(got, expected, tolerances.steps_rtol(1), max(1.0, abs(expected)))]
   if any(got != expected for _, got, expected in first):
     return  # another CPU's rounding: the later steps are not comparable at 1e-6
   pairs = [(f'step {i + 1} {k}', m[k], w[k], abs(w[k]))

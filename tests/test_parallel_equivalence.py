@@ -1,7 +1,7 @@
 """The same global batch on 1 and 4 (simulated CPU) devices gives the same training step.
 
 The two runs reduce in different orders, so they agree to float32 rounding, not bit for bit:
-step 1 to 1e-5, later steps and the states by the bounds of `tolerances.py`.
+step 1 to 1e-4, later steps and the states by the bounds of `tolerances.py`.
 
 `RECO_JAX_WRONG_REDUCTION=sum` (device losses summed where the reference averages them) or
 `=drop` (the last device's share lost) runs the comparisons on a deliberately wrong 4-device
@@ -159,8 +159,8 @@ def test_reco_on_four_devices_is_the_per_device_loss_computed_on_one(model, init
     return jnp.mean(jnp.stack(losses)), whole
 
   want, whole = jax.jit(per_device_on_one)(params, batch_stats)
-  # One forward pass in two programs (ReCo's own sums run over 8 queries x 17 keys).
-  assert float(metrics['reco_loss']) == pytest.approx(float(want), rel=tolerances.ONE_PASS)
+  # One forward pass through the network in two programs.
+  assert float(metrics['reco_loss']) == pytest.approx(float(want), rel=tolerances.DEEP_PASS)
   # Sampling from the whole batch at once would be another estimate.
   assert abs(float(whole) - float(want)) > 1e-4
 
