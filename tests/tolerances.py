@@ -7,8 +7,9 @@ computed:
 - **The same reductions in the same order** (a resumed run against an uninterrupted one, the same
   program twice): equal bits, or a few ulps where XLA fuses the two programs differently. `atol`
   1e-6 on values of order one is about ten ulps.
-- **One pass in two reduction orders** (1 against N devices, a recomputed pass, a jitted step
-  against its parts, another CPU's vector width: SSE, AVX2 or AVX-512). A sum of n float32 terms
+- **A shallow computation in two reduction orders** (a loss or a few operations on given
+  inputs, run on 1 against N devices, recomputed, jitted against its parts, or with another
+  CPU's vector width: SSE, AVX2 or AVX-512). A sum of n float32 terms
   computed in another order moves by about sqrt(n) * EPS of the sum of |terms| (rounding errors
   add like a random walk; n * EPS is the worst case). The tiny tests' largest sums run over
   4 images x 33 x 33 pixels = 4,356 terms: sqrt(n) * EPS = 8e-6. `ONE_PASS` = 1e-5 covers one
@@ -17,7 +18,7 @@ computed:
   forward and backward pass, the PyTorch parity tests: XLA against oneDNN), about 18
   convolutions of a tiny DeepLab with BatchNorm between them: each layer adds its own rounding
   to what it receives, so the error relative to the output grows with depth. `DEEP_PASS` =
-  1e-4, ten passes' worth (under SSE4.2, one step's gradient norm moves by 1.25e-5).
+  1e-4, ten shallow computations' worth.
 - **Several training steps in two reduction orders.** Each step starts from the previous step's
   differences and can amplify them: the update divides by BatchNorm's batch deviation, momentum
   carries them on, and a changed gradient changes every later forward pass. No finite bound
