@@ -69,11 +69,16 @@ EXTRA = {
                'method=classmix,reco=True', ('--config.query_mode=easy',)),
         Method('ReCo + ClassMix, random keys', 'reco_random_keys',
                'method=classmix,reco=True', ('--config.key_mode=random',))),
+    # UniMatch (Yang et al., CVPR 2023) and ReCo on it, at every budget as the core rows.
+    'unimatch': (Method('UniMatch', 'unimatch', 'method=unimatch,reco=False'),
+                 Method('UniMatch + ReCo', 'unimatch_reco', 'method=unimatch,reco=True')),
     'pretrain': (Method('Supervised, within-image pretraining', 'supervised_pretrain',
                         # The class-balanced subset of the other methods, not Zhao's uniform.
                         'method=supervised,pretrain=within,subset=class_balanced'),),
 }
 PARTS = ('core', 'all', *EXTRA)
+# The parts that run at every budget; the others run at the first.
+EVERY_BUDGET = ('core', 'unimatch')
 # The runs evaluate twice as often as the main job, so that the mean of their last evaluations
 # is taken near the end of the schedule.
 EVAL_EVERY = 250
@@ -251,6 +256,9 @@ def report(store: dict[str, dict], last: int,
   pairs = [('ClassMix - Supervised', 'classmix', 'supervised'),
            ('ReCo + ClassMix - ClassMix', 'reco_classmix', 'classmix'),
            ('ReCo + ClassMix - Supervised', 'reco_classmix', 'supervised')]
+  pairs += [('UniMatch - ClassMix', 'unimatch', 'classmix'),
+            ('UniMatch + ReCo - UniMatch', 'unimatch_reco', 'unimatch'),
+            ('UniMatch + ReCo - ReCo + ClassMix', 'unimatch_reco', 'reco_classmix')]
   pairs += [(f'{m.name} - ReCo + ClassMix', m.key, 'reco_classmix') for m in EXTRA['ablation']]
   pairs += [(f'{m.name} - Supervised', m.key, 'supervised')
             for p in ('pretrain', 's4gan') for m in EXTRA[p]]
@@ -305,8 +313,8 @@ def main():
   parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   parser.add_argument('--parts', default=','.join(PARTS),
                       help=f'comma-separated parts of the grid, run in this order: '
-                      f'{", ".join(PARTS)} (the extras and the ablation run at the first budget; '
-                      'all = supervised on every label)')
+                      f'{", ".join(PARTS)} ({", ".join(EVERY_BUDGET)} run at every budget, the '
+                      'others at the first; all = supervised on every label)')
   parser.add_argument('--last', type=int, default=2, help='evaluations averaged per run')
   parser.add_argument('--jobs', type=int, default=1,
                       help='runs at a time, each pinned to its own share of the CPU cores')
@@ -331,8 +339,9 @@ def main():
 
   runs = []  # in the order of --parts
   for part in parts:
-    if part == 'core':
-      runs += [Run(m, b, s) for b in args.budgets for s in args.seeds for m in CORE]
+    if part in EVERY_BUDGET:
+      rows = CORE if part == 'core' else EXTRA[part]
+      runs += [Run(m, b, s) for b in args.budgets for s in args.seeds for m in rows]
     elif part == 'all':
       runs += [Run(ALL_LABELS, 0, s) for s in args.seeds]
     else:

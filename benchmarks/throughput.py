@@ -233,7 +233,7 @@ def measure_pipeline(args) -> dict:
     def streams():
       """Fresh (labelled, unlabelled) iterators: the trainer's own for this config."""
       labelled, unlabelled, _ = train._train_iterators(  # pylint: disable=protected-access
-          config, builder, 0, branches=methods.get(config.method).BRANCHES)
+          config, builder, 0, method=methods.get(config.method))
       return labelled, unlabelled
 
     # Fresh iterators each time, so that no batch prefetched meanwhile is timed.

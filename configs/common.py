@@ -131,11 +131,7 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
                                                           base_config().init_weights),
                                  runlocal=False))
   c = base_config()
-  for key, value in dict(dataset).items():
-    if isinstance(value, Mapping):  # Nested fields (model, optimizer) are updated, not replaced.
-      c[key].update(dict(value))
-    else:
-      c[key] = value
+  _update(c, dataset)
   c.labels = args.labels
   if args.labels < 0:
     raise ValueError(f'labels={args.labels}: expected the number of labelled images, or 0 '
@@ -166,9 +162,21 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   c.model.name = args.backbone
   c.model.dtype = names.PRECISIONS[args.precision]
   c.init_weights = args.init_weights
+  # The method's own settings where its authors' differ from the paper config's.
+  overrides = getattr(methods.get(c.method), 'config_overrides', None)
+  _update(c, overrides(c) if overrides else {})
   if args.runlocal:
     apply_runlocal(c)
   return c
+
+
+def _update(c: ml_collections.ConfigDict, fields: Mapping[str, Any]) -> None:
+  """Sets `fields` in c; nested fields (model, optimizer) are updated, not replaced."""
+  for key, value in dict(fields).items():
+    if isinstance(value, Mapping):
+      c[key].update(dict(value))
+    else:
+      c[key] = value
 
 
 def apply_runlocal(c: ml_collections.ConfigDict) -> None:

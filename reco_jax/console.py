@@ -6,7 +6,7 @@ import os
 import sys
 from typing import TextIO
 
-_SHORT = {'sup_loss': 'sup', 'unsup_loss': 'unsup', 'reco_loss': 'reco',
+_SHORT = {'sup_loss': 'sup', 'unsup_loss': 'unsup', 'reco_loss': 'reco', 'fp_loss': 'fp',
           'contrast_loss': 'contrast'}
 
 

@@ -41,9 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Where the network starts: 'imagenet' (torchvision's ImageNet weights of model.backbone, as
   # the reference; the paper configs' default), 'none' (from scratch) or a weights path.
   c.init_weights = 'none'
+  # decay_epochs: the polynomial decay steps once per epoch of this many (the reference's
+  # 200); 0 decays every step. head_lr_multiplier: the rate of every parameter outside the
+  # backbone, relative to learning_rate (UniMatch's lr_multi; 1 in ReCo).
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
-      min_learning_rate=1e-6))
+      min_learning_rate=1e-6, decay_epochs=200, head_lr_multiplier=1.0))
   c.ema_decay = 0.99
   # The largest hue shift (in turns) of the colour jitter of labelled and mixed images; the
   # reference's 0.25. Lower it for data whose classes differ by hue.
@@ -76,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.s4gan_learning_rate = 1e-4
   c.s4gan_betas = (0.9, 0.99)
   c.s4gan_poly_power = 0.9
+  # UniMatch (method=unimatch; Yang et al., the authors' unimatch.py): its pseudo-labels count
+  # where their confidence is >= unimatch_threshold (the authors' 0.95).
+  c.unimatch_threshold = 0.95
   # Label-based contrastive pretraining (Zhao et al., ICCV 2021): 'within' or 'cross' runs a
   # pretraining stage of pretrain_steps on the labelled images before training (workdir
   # sub-folders pretrain/ and finetune/, see reco_jax/stages.py). The paper fixes the loss and
@@ -84,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain_steps = 5000
   c.pretrain_optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
-      min_learning_rate=1e-6))
+      min_learning_rate=1e-6, decay_epochs=200, head_lr_multiplier=1.0))
   c.contrast_temperature = 0.07  # The paper's.
   # Projection head 1x1 conv widths (the last one is the embedding), on the decoder output
   # resized to ceil(crop / embedding_stride): the loss compares every pair of pixels of an

@@ -36,9 +36,12 @@ from reco_jax import workdir as workdir_lib
 
 MIOU_TAG = 'eval/miou'
 # Table 1's row order.
-METHODS = ('supervised', 's4gan', 'pseudo_label', 'cutout', 'cutmix', 'classmix')
+METHODS = ('supervised', 's4gan', 'pseudo_label', 'cutout', 'cutmix', 'classmix', 'unimatch')
 METHOD_NAMES = {'supervised': 'Supervised', 's4gan': 'S4GAN', 'pseudo_label': 'Pseudo-label',
-                'cutout': 'CutOut', 'cutmix': 'CutMix', 'classmix': 'ClassMix'}
+                'cutout': 'CutOut', 'cutmix': 'CutMix', 'classmix': 'ClassMix',
+                'unimatch': 'UniMatch'}
+# Bases that ReCo is added to rather than built on name it after themselves.
+RECO_SUFFIXED = ('unimatch',)
 PARTIALS = names.PARTIALS[1:]  # Table 3's columns, in order
 # Table 3's column heads: labelled pixels per class and image.
 PARTIAL_NAMES = {'p0': '1 pixel', 'p1': '1%', 'p5': '5%', 'p25': '25%'}
@@ -90,7 +93,8 @@ class RunResult:
     name = METHOD_NAMES.get(self.method, self.method)
     if self.pretrain != 'none':
       name = f'{name}, {self.pretrain}-image pretraining'
-    name = f'ReCo + {name}' if self.reco else name
+    if self.reco:
+      name = f'{name} + ReCo' if self.method in RECO_SUFFIXED else f'ReCo + {name}'
     return f'{name}, {self.variant}' if self.variant else name
 
   @property

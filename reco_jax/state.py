@@ -59,8 +59,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
   lr(step) = max(base * (1 - epoch / E) ** power, min_lr) with E = 200 epochs (or
   config.optimizer.decay_epochs) and epoch = floor(step * E / config.num_train_steps), so
-  at 40k steps the rate changes every 200 steps like the reference. When num_train_steps < E
-  every step is its own epoch (plain per-step polynomial decay).
+  at 40k steps the rate changes every 200 steps like the reference. When num_train_steps < E,
+  or E = 0, every step is its own epoch (plain per-step polynomial decay).
   """
   opt = config.optimizer
   base, power, floor = float(opt.learning_rate), float(opt.poly_power), float(
@@ -68,7 +68,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   total = int(config.num_train_steps)
   if total <= 0:
     raise ValueError(f'config.num_train_steps must be positive, got {total}.')
-  epochs = min(int(opt.get('decay_epochs', REFERENCE_DECAY_EPOCHS)), total)
+  epochs = int(opt.get('decay_epochs', REFERENCE_DECAY_EPOCHS))
+  epochs = min(epochs, total) if epochs > 0 else total
 
   def schedule(step):
     step = jnp.asarray(step, jnp.int32)
@@ -86,15 +87,25 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
   Matches torch.optim.SGD(weight_decay=wd, momentum=m, nesterov=True) over all parameters:
   g' = g + wd * p; buf = m * buf + g'; p -= lr * (g' + m * buf).
+  With optimizer.head_lr_multiplier != 1, every parameter outside a 'backbone' module moves
+  at that multiple of the rate, as a PyTorch parameter group of its own would (UniMatch).
   schedule: the learning rate per step (default `learning_rate_schedule(config)`).
   """
   opt = config.optimizer
   if schedule is None:
     schedule = learning_rate_schedule(config)
-  return optax.chain(
-      optax.add_decayed_weights(float(opt.weight_decay)),
-      optax.sgd(schedule, momentum=float(opt.momentum), nesterov=bool(opt.nesterov)),
-  )
+  parts = [optax.add_decayed_weights(float(opt.weight_decay)),
+           optax.sgd(schedule, momentum=float(opt.momentum), nesterov=bool(opt.nesterov))]
+  multiplier = float(opt.get('head_lr_multiplier', 1.0))
+  if multiplier != 1.0:
+    parts.append(optax.masked(optax.scale(multiplier), _outside_backbone))
+  return optax.chain(*parts)
+
+
+def _outside_backbone(params):
+  """True for every parameter that no module named 'backbone' holds."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(getattr(k, 'key', None) == 'backbone' for k in path), params)
 
 
 def with_optimizer(state: 'TrainState', config: ml_collections.ConfigDict) -> 'TrainState':

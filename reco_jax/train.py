@@ -219,13 +219,14 @@ def _branch_sizes(config, branches) -> tuple[int, int]:
   return labelled * config.batch_size, unlabelled * config.batch_size
 
 
-def _train_iterators(config, builder, start_batch: int, *, branches, pseudo=None):
+def _train_iterators(config, builder, start_batch: int, *, method, pseudo=None):
   """(labelled, unlabelled or None, labelled ids) for this process, after `start_batch`.
 
-  branches: the method's BRANCHES; pseudo: {image id: PNG label} joining the labelled stream.
+  method: the method module (its BRANCHES and LABELLED_PHOTOMETRIC); pseudo: {image id: PNG
+  label} joining the labelled stream.
   """
   from reco_jax.data import pipeline  # TF pulled in only by the data path.
-  labelled_batch, unlabelled_batch = _branch_sizes(config, branches)
+  labelled_batch, unlabelled_batch = _branch_sizes(config, method.BRANCHES)
   kwargs = dict(
       num_labels=config.labels,
       min_classes=config.min_classes,
@@ -243,7 +244,8 @@ def _train_iterators(config, builder, start_batch: int, *, branches, pseudo=None
       unlabelled_fraction=float(config.unlabelled_fraction),
       pseudo_labels=pseudo,
       hue_jitter=float(config.hue_jitter),
-      subset=config.subset)
+      subset=config.subset,
+      labelled_photometric=getattr(method, 'LABELLED_PHOTOMETRIC', True))
   return pipeline.train_iterators(builder, **kwargs)
 
 
@@ -628,7 +630,7 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
 
   pseudo = pseudo_labels.read(run_dir / stage.pseudo_labels) if stage.pseudo_labels else None
   labelled, unlabelled, labelled_ids = _train_iterators(
-      config, builder, start, branches=method.BRANCHES, pseudo=pseudo)
+      config, builder, start, method=method, pseudo=pseudo)
   _write_run_files(config, workdir, labelled_ids)
   eval_batches = _eval_iterator(config, builder)
 

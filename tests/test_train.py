@@ -187,13 +187,17 @@ def test_train_iterators_take_the_configs_data_fields(monkeypatch):
                       lambda builder, **kwargs: seen.update(kwargs, builder=builder))
   config = tiny_config('unused', hue_jitter=0.1, scale_range=(0.5, 1.5), labels=7,
                        unlabelled_fraction=0.5, seed=3, subset='uniform')
-  train._train_iterators(config, 'the builder', 5, branches=(1, 1))
+  train._train_iterators(config, 'the builder', 5, method=methods.get('classmix'))
   assert seen['builder'] == 'the builder' and seen['start_batch'] == 5
   assert seen['hue_jitter'] == 0.1 and seen['scale_range'] == (0.5, 1.5)
   assert seen['num_labels'] == 7 and seen['unlabelled_fraction'] == 0.5 and seen['seed'] == 3
   assert seen['labelled_batch'] == seen['unlabelled_batch'] == config.batch_size
   assert seen['crop_size'] == tuple(config.crop_size)
-  assert seen['subset'] == 'uniform'
+  assert seen['subset'] == 'uniform' and seen['labelled_photometric']
+  # UniMatch's labelled images get geometric augmentation only, and 2 unlabelled batches.
+  train._train_iterators(config, 'the builder', 5, method=methods.get('unimatch'))
+  assert not seen['labelled_photometric']
+  assert seen['unlabelled_batch'] == 2 * config.batch_size
 
 
 @pytest.mark.parametrize('arg, subset', [

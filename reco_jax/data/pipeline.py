@@ -358,6 +358,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
                     pseudo_labels: Mapping[str, bytes] | None = None,
                     hue_jitter: float = P.JITTER_HUE,
                     subset: str = names.SUBSETS[0],
+                    labelled_photometric: bool = True,
                     ) -> tuple[Iterator[dict], Iterator[dict] | None, list[str]]:
   """Infinite iterators of this process's training batches.
 
@@ -398,6 +399,8 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
       not be among the labelled ones. The unlabelled stream is unchanged.
     hue_jitter: the largest hue shift of the labelled images' colour jitter, in turns.
     subset: how the labelled subset is drawn, one of `names.SUBSETS` (see `labelled_subset`).
+    labelled_photometric: False gives the labelled images rescale, crop and flip only (no
+      colour jitter or blur), as UniMatch's authors do.
 
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
@@ -458,7 +461,7 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
       label = partial_fn(label, ex['image_id'])
     image, label = augment_labelled(image, label, _example_seed(l_seed, position),
                                     crop_size=crop_size, scale_range=scale_range,
-                                    hue_jitter=hue_jitter)
+                                    photometric=labelled_photometric, hue_jitter=hue_jitter)
     return {'image': normalization.normalize(image), 'label': label}
 
   labelled = labelled.map(labelled_map, num_parallel_calls=tf.data.AUTOTUNE)

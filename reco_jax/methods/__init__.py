@@ -10,7 +10,11 @@ Optionally:
   init_extras(config, key, state) -> dict: the state the method keeps beside the student
     (TrainState.extras), made by `state.create_train_state`;
   check_config(config): raises ValueError for settings the method does not support, called
-    by `train.validate_config`.
+    by `train.validate_config`;
+  config_overrides(config) -> dict: the method's own training settings where they differ
+    from the paper config's (optimiser, batch, schedule), applied by `configs/common.py`
+    before any `--config.` flag;
+  LABELLED_PHOTOMETRIC: False to give the labelled images geometric augmentation only.
 `steps.make_train_step` binds the keyword arguments and jits the step. Adding a method is
 adding its module and one entry below. This package imports no module of a method until one
 is asked for, so configs can read the names cheaply.
@@ -26,6 +30,7 @@ _REGISTRY = {
     'cutmix': 'mean_teacher',
     'classmix': 'mean_teacher',
     's4gan': 's4gan',
+    'unimatch': 'unimatch',
     # Zhao et al.'s semi-supervised setting: its stages (reco_jax.stages) train supervised.
     'pseudo_label': 'supervised',
 }

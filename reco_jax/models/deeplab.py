@@ -64,6 +64,13 @@ class DeepLabV3Plus(nn.Module):
       hidden layer of both heads (the paper's 256, 48, 256 by default).
     features_only: return the decoder output (the input of both heads, float32
       [B, h, w, low_level_dim + aspp_dim]) instead; the heads then have no parameters.
+
+  Called with perturb_features=True (UniMatch's feature perturbation, `methods/unimatch.py`)
+  it returns (logits, rep, perturbed logits): the decoder and the classifier run on the
+  concatenation of the clean layer1 and layer4 features and a copy of them under channel
+  dropout (p 0.5: whole channels zeroed, the rest scaled by 2; rng 'dropout'), so their
+  BatchNorm sees both halves, as the UniMatch authors' decoder does; the representation head
+  runs on the clean half only.
   """
   num_classes: int
   backbone: 'str | resnet.ResNetSpec' = 'resnet101'
@@ -76,10 +83,12 @@ class DeepLabV3Plus(nn.Module):
   features_only: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, images: jax.Array, train: bool = False,
+               perturb_features: bool = False) -> tuple[jax.Array, ...]:
     """images: [B, H, W, 3] normalised -> (logits [B,h,w,num_classes], rep [B,h,w,rep_dim]).
 
     h, w = layer1 size (ceil(H/4) for the usual sizes: 321 -> 81); both float32.
+    perturb_features: also return the logits of the feature-perturbed copy (class doc).
     """
     _check_images(images)
     rates = {16: (6, 12, 18), 8: (12, 24, 36)}.get(self.output_stride)
@@ -88,6 +97,10 @@ class DeepLabV3Plus(nn.Module):
     feats = resnet.ResNet(self.backbone, self.output_stride, self.dtype,
                           name='backbone')(images, train)
     low, high = feats['layer1'], feats['layer4']
+    if perturb_features:
+      drop = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=False)
+      low = jnp.concatenate([low, drop(low)], axis=0)
+      high = jnp.concatenate([high, drop(high)], axis=0)
     bn = functools.partial(resnet.batch_norm, train, self.dtype)
 
     high = ASPP(rates, self.aspp_dim, self.dtype, name='aspp')(high, train)
@@ -99,14 +112,17 @@ class DeepLabV3Plus(nn.Module):
     if self.features_only:
       return x.astype(jnp.float32)
 
-    def head(out_dim: int, prefix: str) -> jax.Array:
+    def head(x: jax.Array, out_dim: int, prefix: str) -> jax.Array:
       y = _head_conv(self.head_dim, 3, x.shape[-1], dtype=self.dtype, name=f'{prefix}_conv')(x)
       y = nn.relu(bn(name=f'{prefix}_bn')(y))
       y = _head_conv(out_dim, 1, self.head_dim, use_bias=True, dtype=self.dtype,
                      name=f'{prefix}_out')(y)
       return y.astype(jnp.float32)
 
-    return head(self.num_classes, 'classifier'), head(self.rep_dim, 'representation')
+    if perturb_features:
+      logits, perturbed = jnp.split(head(x, self.num_classes, 'classifier'), 2, axis=0)
+      return logits, head(x[:images.shape[0]], self.rep_dim, 'representation'), perturbed
+    return head(x, self.num_classes, 'classifier'), head(x, self.rep_dim, 'representation')
 
 
 class DeepLabV2(nn.Module):

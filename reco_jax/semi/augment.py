@@ -127,7 +127,7 @@ def color_jitter(image, order, brightness, contrast, saturation, hue):
 
 
 def strong_augment(key, images, labels, confidence, *, jitter_prob=P.JITTER_PROB,
-                   blur_prob=P.BLUR_PROB, flip_prob=P.FLIP_PROB,
+                   grey_prob=0.0, blur_prob=P.BLUR_PROB, flip_prob=P.FLIP_PROB,
                    brightness=P.JITTER_FACTOR, contrast=P.JITTER_FACTOR,
                    saturation=P.JITTER_FACTOR, hue=(-P.JITTER_HUE, P.JITTER_HUE),
                    sigma=P.BLUR_SIGMA, blur_kernel_size=_KERNEL_SIZE):
@@ -139,6 +139,9 @@ def strong_augment(key, images, labels, confidence, *, jitter_prob=P.JITTER_PROB
     labels: [B, H, W] int.
     confidence: [B, H, W] float.
     jitter_prob, blur_prob, flip_prob: per-sample probabilities.
+    grey_prob: per-sample probability of PIL's grey image (3 equal channels) after the
+      colour jitter (torchvision `RandomGrayscale`; UniMatch's strong views); the reference
+      ReCo has none.
     brightness, contrast, saturation: (low, high) factor ranges.
     hue: (low, high) hue shift range, within [-0.5, 0.5].
     sigma: (low, high) blur sigma range.
@@ -179,6 +182,9 @@ def strong_augment(key, images, labels, confidence, *, jitter_prob=P.JITTER_PROB
       x, draws['order'], draws['brightness'], draws['contrast'],
       draws['saturation'], draws['hue'])
   x = jnp.where(per_sample(x, draws['do_jitter']), jittered, x)
+  if grey_prob:  # A key of its own: the other draws stay those of the reference's recipe.
+    do_grey = jax.random.uniform(jax.random.fold_in(key, len(keys)), (batch,)) < grey_prob
+    x = jnp.where(per_sample(x, do_grey), jnp.broadcast_to(grey(x), x.shape), x)
 
   blurred = jax.vmap(lambda im, s: gaussian_blur(im, s, blur_kernel_size))(
       x, draws['sigma'])

@@ -50,6 +50,53 @@ def box_mask(key, batch, height, width):
   return inside_rows & inside_cols
 
 
+def unimatch_box_mask(key, batch, height, width, *, prob=0.5, area=(0.02, 0.4),
+                      aspect=(0.3, 1 / 0.3), max_tries=100):
+  """UniMatch's CutMix boxes (the authors' `obtain_cutmix_box`), one per sample.
+
+  With probability `prob` a sample gets a box: its area is a fraction of H * W uniform in
+  `area`; then an aspect ratio r uniform in `aspect`, width int(sqrt(area / r)), height
+  int(sqrt(area * r)) and a top-left corner uniform over the image are drawn together until
+  the box lies inside the image (rejection sampling, as the authors; after `max_tries`
+  rejected draws, far more than the few a box that can fit needs, the sample gets no box).
+
+  Args:
+    key: typed PRNG key.
+    batch, height, width: B, H, W (static).
+
+  Returns:
+    [B, H, W] bool, True inside each sample's box (all False without one).
+  """
+  def one(k):
+    k_on, k_area, k_try = jax.random.split(k, 3)
+    size = jax.random.uniform(k_area, (), minval=area[0], maxval=area[1]) * height * width
+
+    def draw(i):
+      kr, kx, ky = jax.random.split(jax.random.fold_in(k_try, i), 3)
+      ratio = jax.random.uniform(kr, (), minval=aspect[0], maxval=aspect[1])
+      w = jnp.floor(jnp.sqrt(size / ratio)).astype(jnp.int32)
+      h = jnp.floor(jnp.sqrt(size * ratio)).astype(jnp.int32)
+      x = jax.random.randint(kx, (), 0, width)
+      y = jax.random.randint(ky, (), 0, height)
+      return w, h, x, y, (x + w <= width) & (y + h <= height)
+
+    def cond(carry):
+      i, *_, fits = carry
+      return (~fits) & (i < max_tries)
+
+    def body(carry):
+      i = carry[0] + 1
+      return (i, *draw(i))
+
+    _, w, h, x, y, fits = jax.lax.while_loop(cond, body, (0, *draw(0)))
+    on = (jax.random.uniform(k_on, ()) < prob) & fits
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    return on & (rows >= y) & (rows < y + h) & (cols >= x) & (cols < x + w)
+
+  return jax.vmap(one)(jax.random.split(key, batch))
+
+
 def class_mask(key, labels, num_classes):
   """ClassMix masks: pixels of half of the classes present in each sample.
 
