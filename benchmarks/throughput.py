@@ -151,7 +151,7 @@ def measure_step(args, precision: str) -> dict:
   rng = np.random.default_rng(0)
   local = batch_size * jax.local_device_count() // jax.device_count()
   batch = parallel.shard_batch(mesh, train_step.random_batch(
-      rng, local, size, config.num_classes, supervised=False))
+      rng, local, size, config.num_classes, config.method))
   key = jax.random.key(0)
   start = time.perf_counter()
   step = steps.make_train_step(config, model, mesh).lower(state, batch, key).compile(

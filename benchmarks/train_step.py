@@ -13,6 +13,9 @@ precision=bf16); `--compare_precision` prints only the compile-only temporary me
 FLOPs of the ClassMix + ReCo step at the memory batch in float32 and in bfloat16.
 `--explain` prints only the compile-only decomposition of the overhead at the memory batch
 (temporary memory and XLA FLOPs with stand-in losses in place of ReCo; see benchmarks/README.md).
+`--compare_unimatch` prints only UniMatch's step beside ClassMix + ReCo's: temporary memory and
+XLA FLOPs at the memory batch (compile only; UniMatch reads 2 x batch unlabelled images, u and
+its CutMix source u'), then seconds per step at the time batch.
 
 Inputs are random, so the teacher is untrained: every unlabelled pixel is made valid for ReCo
 (weak threshold 0) and every pixel is a hard query, the most expensive case for the loss.
@@ -22,6 +25,7 @@ Inputs are random, so the teacher is untrained: every unlabelled pixel is made v
   PYTHONPATH=. python benchmarks/train_step.py --explain --memory_batch=2
   PYTHONPATH=. python benchmarks/train_step.py --recompute_labelled  # the memory-saving mode
   PYTHONPATH=. python benchmarks/train_step.py --compare_precision  # float32 vs bfloat16 memory
+  PYTHONPATH=. python benchmarks/train_step.py --compare_unimatch  # UniMatch beside ClassMix
   PYTHONPATH=. python benchmarks/train_step.py --bank=2048 --backbone=resnet_tiny
       # only: seconds per ClassMix + ReCo step, batch-mode ReCo beside a feature bank of 2048
       # keys per class (config.reco_bank_size), at --time_batch
@@ -37,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import voc
+from reco_jax import methods
 from reco_jax import names
 from reco_jax import parallel
 from reco_jax import state as state_lib
@@ -95,8 +100,11 @@ STAND_INS = {
 }
 
 
-def random_batch(rng, batch, size, num_classes, supervised):
-  """Normalised images and labels with a few classes per image in blocks, some void."""
+def random_batch(rng, batch, size, num_classes, method):
+  """Normalised images and labels with a few classes per image in blocks, some void.
+
+  The branches are `method`'s (its BRANCHES in multiples of batch).
+  """
   def labelled(n):
     blocks = rng.integers(0, num_classes, (n, 4, 4))
     # Each image keeps three of its block classes, as VOC images hold few classes.
@@ -107,10 +115,13 @@ def random_batch(rng, batch, size, num_classes, supervised):
     labels[:, :, :size // 20] = 255
     return labels
 
-  out = {'labelled': {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-                      'label': labelled(batch)}}
-  if not supervised:
-    out['unlabelled'] = {'image': rng.normal(size=(batch, size, size, 3)).astype(np.float32)}
+  labelled_n, unlabelled_n = (b * batch for b in methods.get(method).BRANCHES)
+  labelled_n = batch if method == 'supervised' else labelled_n  # `--time_batch` images
+  out = {'labelled': {'image': rng.normal(size=(labelled_n, size, size, 3)).astype(np.float32),
+                      'label': labelled(labelled_n)}}
+  if unlabelled_n:
+    out['unlabelled'] = {
+        'image': rng.normal(size=(unlabelled_n, size, size, 3)).astype(np.float32)}
   return out
 
 
@@ -140,8 +151,7 @@ def temp_memory(config, model, mesh, size, rng, loss=None):
 
   loss: optional stand-in for `reco_loss_per_device` (same signature).
   """
-  batch = random_batch(rng, config.batch_size, size, config.num_classes,
-                       config.method == 'supervised')
+  batch = random_batch(rng, config.batch_size, size, config.num_classes, config.method)
   with mock.patch.object(reco_lib, 'reco_loss_per_device', loss or _REAL_RECO):
     step = steps.make_train_step(config, model, mesh)
     start = time.perf_counter()
@@ -156,8 +166,7 @@ def temp_memory(config, model, mesh, size, rng, loss=None):
 def seconds_per_step(config, model, mesh, state, size, rng, num_steps):
   """(mean wall s, mean process CPU s per step after one warm-up step, compile s, last loss)."""
   batch = parallel.shard_batch(mesh, random_batch(rng, config.batch_size, size,
-                                                  config.num_classes,
-                                                  config.method == 'supervised'))
+                                                  config.num_classes, config.method))
   key = jax.random.key(0)
   state = jax.tree.map(jnp.copy, state)
   start = time.perf_counter()
@@ -193,6 +202,40 @@ def compare_precision(args, mesh, rng):
           f'(compile {compile_s:.0f} s)', flush=True)
   print(f'load average {os.getloadavg()}')
   print(f'bf16_memory_ratio={memory["bf16"] / memory["fp32"]:.3f}')
+
+
+def compare_unimatch(args, model, mesh, rng):
+  """UniMatch's step (with and without ReCo) beside ClassMix + ReCo's: memory, FLOPs, time."""
+  cases = (('classmix', True), ('unimatch', False), ('unimatch', True))
+  costs = {}
+  for method, reco in cases:
+    config = make_config(method, reco, args.memory_batch, args.size, precision=args.precision)
+    temp, flops, compile_s = temp_memory(config, model, mesh, args.size, rng)
+    costs[method, reco] = temp, flops
+    images = '+'.join(str(b * args.memory_batch) for b in methods.get(method).BRANCHES)
+    print(f'{method} {images} reco={reco}: temp memory {temp / 2**30:.2f} GiB, '
+          f'{flops / 1e9:.1f} GFLOP (compile {compile_s:.0f} s)', flush=True)
+  state = state_lib.create_train_state(make_config('classmix', True, args.time_batch,
+                                                   args.size), model, jax.random.key(0),
+                                       (args.size, args.size, 3), mesh=mesh)
+  timing = {}
+  for method, reco in cases:
+    config = make_config(method, reco, args.time_batch, args.size, precision=args.precision)
+    start = state.replace(tx=state_lib.make_optimizer(config),
+                          opt_state=state_lib.make_optimizer(config).init(state.params))
+    secs, cpu, compile_s, loss = seconds_per_step(config, model, mesh, start, args.size, rng,
+                                                  args.steps)
+    timing[method, reco] = secs
+    images = '+'.join(str(b * args.time_batch) for b in methods.get(method).BRANCHES)
+    print(f'{method} {images} reco={reco}: {secs:.3f} s/step, CPU {cpu:.3f} s/step '
+          f'(compile {compile_s:.0f} s, loss {loss:.3f})', flush=True)
+  print(f'load average {os.getloadavg()}')
+  base = ('classmix', True)
+  for case in cases[1:]:
+    print(f'{case[0]} reco={case[1]} / classmix reco=True: '
+          f'memory_ratio={costs[case][0] / costs[base][0]:.3f} '
+          f'flops_ratio={costs[case][1] / costs[base][1]:.3f} '
+          f'time_ratio={timing[case] / timing[base]:.3f}')
 
 
 def time_bank(args, model, mesh, rng):
@@ -232,6 +275,9 @@ def main():
   parser.add_argument('--compare_precision', action='store_true',
                       help='only the temporary memory of the ClassMix + ReCo step at the '
                            'memory batch, in float32 and in bfloat16 (compile only)')
+  parser.add_argument('--compare_unimatch', action='store_true',
+                      help='only UniMatch (with and without ReCo) beside ClassMix + ReCo: '
+                           'memory and FLOPs at the memory batch, time at the time batch')
   parser.add_argument('--bank', type=int, default=0,
                       help='only time ClassMix + ReCo steps without and with a feature bank '
                            'of this many keys per class')
@@ -250,6 +296,10 @@ def main():
 
   if args.bank:
     time_bank(args, model, mesh, rng)
+    return
+
+  if args.compare_unimatch:
+    compare_unimatch(args, model, mesh, rng)
     return
 
   if args.explain:

@@ -11,6 +11,8 @@ Fig. 7c (the amount of unlabelled data): ReCo + ClassMix on a seeded fraction of
 images (`unlabelled_fraction`), at each dataset's fewest labels.
 Fig. 7d (ReCo on other semi-supervised bases): each base with and without ReCo, at each
 dataset's fewest labels.
+unimatch (beyond the paper): UniMatch and UniMatch + ReCo on Table 2's VOC partition, at 92 to
+1,464 labels (UniMatch's own VOC settings, reco_jax/methods/unimatch.py).
 Every cell is run for seeds 0, 1, 2 (the paper reports the mean).
 
   python launch/sweep.py --dry-run                       # print every command
@@ -19,7 +21,7 @@ Every cell is run for seeds 0, 1, 2 (the paper reports the mean).
       --launcher=tpu --tpu_name=my-tpu --zone=us-central2-b   # run them one after another
 Runs resume from their own workdir, so re-running the sweep skips over finished work cheaply.
 Workdirs: WORKDIR_ROOT/table1/DATASET/LABELS/METHOD/seedS (LABELS = 'all' for labels=0) and
-WORKDIR_ROOT/table2/voc/LABELS/METHOD/seedS and
+WORKDIR_ROOT/table2/voc/LABELS/METHOD/seedS (the unimatch grid's too) and
 WORKDIR_ROOT/table3/DATASET/PARTIAL/reco_classmix/seedS and
 WORKDIR_ROOT/{table4,fig7c,fig7d}/DATASET/LABELS/NAME/seedS. Their results tables, in the
 paper's layout (ablation rows named by their switches, e.g. 'ReCo + ClassMix, random keys'):
@@ -39,6 +41,9 @@ LABELS = {'voc': (60, 200, 600, 0), 'cityscapes': (20, 50, 150, 0), 'sun': (50, 
 PARTIALS = names.PARTIALS[1:]  # every partial-label mode
 PARTIAL_DATASETS = ('voc', 'cityscapes')
 PSEUDOSEG_LABELS = (92, 183, 366, 732)  # 1/16, 1/8, 1/4, 1/2 of VOC's 1,464 train images
+# UniMatch reports the whole 1,464 as well.
+UNIMATCH_LABELS = PSEUDOSEG_LABELS + (1464,)
+UNIMATCH_METHODS = (('unimatch', 'unimatch', False), ('unimatch_reco', 'unimatch', True))
 SEEDS = (0, 1, 2)
 _REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (name, method, reco) of the rows run on labelled subsets (Tables 1 and 2) and on all labels.
@@ -56,7 +61,7 @@ SAMPLING_VARIANTS = (('reco_classmix', ()),
 # Fig. 7c: fractions of the unlabelled images; Fig. 7d: the bases ReCo is added to.
 UNLABELLED_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 FIG7D_BASES = ('supervised', 'cutout', 'cutmix', 'classmix', 's4gan')
-TABLES = ('1', '2', '3', '4', '7c', '7d')
+TABLES = ('1', '2', '3', '4', '7c', '7d', 'unimatch')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +104,23 @@ def table3(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
                   f'table3/{dataset}/{partial}/reco_classmix/seed{seed}')
 
 
-def table2(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
+def table2(datasets: Sequence[str], seeds: Sequence[int], *, table: str = '2',
+           budgets: Sequence[int] = PSEUDOSEG_LABELS,
+           rows: Sequence[tuple[str, str, bool]] = SUBSET_METHODS) -> Iterator[Run]:
   """VOC in the PseudoSeg partition: 1/16 .. 1/2 of the 1,464 original train images."""
   if 'voc' not in datasets:
     return
-  for labels in PSEUDOSEG_LABELS:
-    for name, method, reco in SUBSET_METHODS:
+  for labels in budgets:
+    for name, method, reco in rows:
       for seed in seeds:
         arg = f'split=pseudoseg,labels={labels},method={method},reco={reco},seed={seed}'
-        yield Run('2', 'voc', name, arg, f'table2/voc/{labels}/{name}/seed{seed}')
+        yield Run(table, 'voc', name, arg, f'table2/voc/{labels}/{name}/seed{seed}')
+
+
+def unimatch(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
+  """UniMatch and UniMatch + ReCo in Table 2's partition, up to all 1,464 images."""
+  return table2(datasets, seeds, table='unimatch', budgets=UNIMATCH_LABELS,
+                rows=UNIMATCH_METHODS)
 
 
 def table4(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
@@ -151,7 +164,8 @@ def fig7d(datasets: Sequence[str], seeds: Sequence[int]) -> Iterator[Run]:
           yield Run('7d', dataset, name, arg, subdir)
 
 
-_GRIDS = {'1': table1, '2': table2, '3': table3, '4': table4, '7c': fig7c, '7d': fig7d}
+_GRIDS = {'1': table1, '2': table2, '3': table3, '4': table4, '7c': fig7c, '7d': fig7d,
+          'unimatch': unimatch}
 
 
 def runs(tables: Sequence[str], datasets: Sequence[str], seeds: Sequence[int]) -> list[Run]:
@@ -189,7 +203,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
   p.add_argument('--tables', default=','.join(TABLES),
-                 help=f'comma-separated grids to run, some of {",".join(TABLES)} (7c, 7d: Fig. 7)')
+                 help=f'comma-separated grids to run, some of {",".join(TABLES)} (7c, 7d: '
+                 'Fig. 7)')
   p.add_argument('--datasets', default='voc,cityscapes,sun',
                  help='comma-separated subset of voc,cityscapes,sun')
   p.add_argument('--seeds', type=_int_list, default=list(SEEDS))

@@ -64,6 +64,8 @@ CASES = [
     ('classmix', False, '', False, 4),
     ('classmix', True, 'p1', True, 1),
     ('s4gan', True, '', False, 1),
+    ('unimatch', False, '', False, 1),
+    ('unimatch', True, '', False, 1),
 ]
 
 
@@ -80,12 +82,20 @@ def golden_config(method, reco, partial, recompute):
       # Low thresholds: an untrained 3-class model is rarely 97 % sure of anything.
       strong_threshold=0.5, weak_threshold=0.4, num_queries=8, num_negatives=16,
       # An untrained discriminator scores about 0.5: some images are self-trained on.
-      s4gan_threshold=0.4))
+      s4gan_threshold=0.4,
+      # UniMatch's threshold as low, for the same reason.
+      unimatch_threshold=0.4))
+  overrides = getattr(methods.get(method), 'config_overrides', None)
+  if overrides:  # The method's own optimiser (UniMatch's, with a 10x head as on VOC).
+    config.optimizer.update(overrides(common.base_config())['optimizer'])
   return config
 
 
-def golden_batch(partial, supervised):
-  """Synthetic images whose colour shows their 3x3 grid of labels, some void rows."""
+def golden_batch(partial, supervised, unlabelled_batches=1):
+  """Synthetic images whose colour shows their 3x3 grid of labels, some void rows.
+
+  unlabelled_batches: 2 for UniMatch, whose second unlabelled batch is the first mirrored.
+  """
   rng = np.random.default_rng(1234)
   images = rng.normal(size=(2 * BATCH, SIZE, SIZE, 3)).astype(np.float32)
   coarse = rng.integers(0, NUM_CLASSES, (2 * BATCH, 3, 3))
@@ -94,7 +104,8 @@ def golden_batch(partial, supervised):
   labels[:BATCH, :2] = 255
   batch = {'labelled': {'image': images[:BATCH], 'label': labels[:BATCH]}}
   if not supervised:
-    batch['unlabelled'] = {'image': images[BATCH:]}
+    batch['unlabelled'] = {'image': np.concatenate([images[BATCH:], images[BATCH:, :, ::-1]]
+                                                   [:unlabelled_batches * BATCH])}
     if partial:
       sparse = np.full_like(labels[BATCH:], 255)
       sparse[:, ::5, ::5] = labels[BATCH:, ::5, ::5]
@@ -128,8 +139,10 @@ def run_case(model, initial, case):
     initial = initial.replace(extras=jax.tree.map(np.asarray, init_extras(
         config, jax.random.fold_in(jax.random.key(0), 1), initial)))
   state = jax.device_put(jax.tree.map(jnp.asarray, initial), parallel.replicated(mesh))
-  state = state.replace(tx=state_lib.make_optimizer(config))
-  batch = parallel.shard_batch(mesh, golden_batch(bool(case[2]), case[0] == 'supervised'))
+  tx = state_lib.make_optimizer(config)  # A fresh optimiser state: the method's may differ.
+  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  batch = parallel.shard_batch(mesh, golden_batch(
+      bool(case[2]), case[0] == 'supervised', methods.get(config.method).BRANCHES[1]))
   key = jax.random.key(7)
   step = steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
   history = []

@@ -75,6 +75,21 @@ def test_sweep_prints_table2_pseudoseg_grid():
   assert {k[1] for k in cells} == {'supervised', 'classmix'}  # no S4GAN in Table 2
 
 
+def test_sweep_prints_the_unimatch_grid_in_table2s_partition():
+  lines = _sweep('--tables=unimatch', '--datasets=voc,cityscapes')
+  cells = collections.Counter()
+  for line in lines:
+    path, args = _config_args(line)
+    assert pathlib.Path(path).stem == 'voc' and args['split'] == 'pseudoseg'
+    workdir = line.split('--workdir=')[1].split()[0]
+    name = 'unimatch_reco' if args['reco'] == 'True' else 'unimatch'
+    assert workdir.endswith(f'/table2/voc/{args["labels"]}/{name}/seed{args["seed"]}')
+    cells[args['labels'], args['method'], args['reco']] += 1
+  assert {k[0] for k in cells} == {'92', '183', '366', '732', '1464'}
+  assert {k[1:] for k in cells} == {('unimatch', 'False'), ('unimatch', 'True')}
+  assert set(cells.values()) == {3}
+
+
 def test_sweep_prints_table4_and_fig7_grids():
   lines = _sweep('--tables=4,7c,7d', '--datasets=cityscapes')
   cells = collections.Counter()
@@ -115,7 +130,7 @@ def test_sweep_commands_resolve_to_valid_configs():
   modules = {'voc': voc, 'cityscapes': cityscapes, 'sun': sun}
   lines = _sweep()
   # Tables 1, 2, 3, then per dataset the new cells of Table 4, Fig. 7c and Fig. 7d.
-  assert len(lines) == 126 + 4 * 3 * 3 + 24 + 3 * (3 + 3 + 6) * 3
+  assert len(lines) == 126 + 4 * 3 * 3 + 24 + 3 * (3 + 3 + 6) * 3 + 5 * 2 * 3
   workdirs = set()
   for line in lines:
     path, _ = _config_args(line)
@@ -124,7 +139,7 @@ def test_sweep_commands_resolve_to_valid_configs():
     for flag in (w for w in line.split() if w.startswith('--config.')):
       key, value = flag[len('--config.'):].split('=')
       assert key in c and value in ('random', 'easy'), flag
-    assert c.batch_size in (2, 4, 5, 10, 20)
+    assert c.batch_size in (2, 4, 5, 8, 10, 20)  # 8: UniMatch's own
     workdirs.add(line.split('--workdir=')[1].split()[0])
   assert len(workdirs) == len(lines)
 

@@ -352,6 +352,21 @@ def test_results_put_the_pseudoseg_partition_in_a_table_of_its_own(tmp_path):
       [0.70, 0.74])
 
 
+def test_results_give_unimatch_its_own_rows_in_table2(tmp_path):
+  sweep = _sweep_module()
+  for i, run in enumerate(sweep.runs(['2', 'unimatch'], ['voc'], [0])):
+    args = dict(kv.split('=') for kv in run.config_arg.split(','))
+    fake_run(tmp_path / run.subdir, labels=int(args['labels']), method=args['method'],
+             reco=args['reco'] == 'True', seed=0, miou={40000: i / 100}, steps_done=40000,
+             split='pseudoseg')
+  [table] = results.make_tables([results.load_result(r)
+                                 for r in results.find_runs([str(tmp_path)])])
+  assert 'Table 2' in table.title
+  assert sorted(table.rows) == sorted(['Supervised', 'ClassMix', 'ReCo + ClassMix', 'UniMatch',
+                                       'UniMatch + ReCo'])
+  assert '1464 labels' in table.columns and len(table.runs['UniMatch', '1464 labels']) == 1
+
+
 def test_results_name_ablation_rows_by_their_switches(tmp_path):
   sweep = _sweep_module()
   grid = sweep.runs(['4', '7c'], ['cityscapes'], [0])
