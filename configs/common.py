@@ -203,4 +203,4 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.eval_every_steps = 5
   c.checkpoint_every_steps = 5
   c.pretrain_steps = 10
-  c.projection_dims = (16, 8)
+  c.projection_dims = (16, 16)

@@ -92,10 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
       learning_rate=2.5e-3, momentum=0.9, nesterov=True, weight_decay=5e-4, poly_power=0.9,
       min_learning_rate=1e-6, decay_epochs=200, head_lr_multiplier=1.0))
   c.contrast_temperature = 0.07  # The paper's.
-  # Projection head 1x1 conv widths (the last one is the embedding), on the decoder output
-  # resized to ceil(crop / embedding_stride): the loss compares every pair of pixels of an
-  # image, so its memory grows with the fourth power of the embedding map's side.
-  c.projection_dims = (256, 128)
+  # Projection head 1x1 conv widths (the last one is the embedding; 256 throughout in the
+  # released code), on the network's last hidden feature map resized to
+  # ceil(crop / embedding_stride): the loss compares every pair of pixels of an image, so its
+  # memory grows with the fourth power of the embedding map's side.
+  c.projection_dims = (256, 256)
   c.embedding_stride = 8
   # The second view's colour distortion (SimCLR's, strength 0.5): factor ranges 1 +- s, hue
   # shift +- hue, applied with jitter_prob; then grey with grey_prob.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from reco_jax.losses import pixel_contrast as pc
+from reco_jax.models import resize
 
 VOID = 255
 
@@ -155,15 +156,43 @@ def test_two_view_resizes_labels_to_feature_grid_with_nearest():
   f2 = _unit(rng.normal(size=(2, 2, 3, 4))).astype(np.float32)
   l1 = rng.integers(0, 3, size=(2, 4, 7)).astype(np.int32)
   l2 = rng.integers(0, 3, size=(2, 4, 7)).astype(np.int32)
-  # PyTorch nearest: source index floor(dst * in / out).
-  rows, cols = np.floor(np.arange(2) * 4 / 2).astype(int), np.floor(
-      np.arange(3) * 7 / 3).astype(int)
+  # The released code's resize_nearest_neighbor(align_corners=True): source index
+  # round(dst * (in - 1) / (out - 1)), halves up: rows 0, 3 of 4; columns 0, 3, 6 of 7.
+  rows, cols = np.array([0, 3]), np.array([0, 3, 6])
   small1 = l1[:, rows][:, :, cols].reshape(2, -1)
   small2 = l2[:, rows][:, :, cols].reshape(2, -1)
   got = _two_view(jax.random.key(0), f1, f2, l1, l2, mode='within')
   expected = (_np_loss(f1.reshape(2, 6, 4), small1, (VOID,), 0.07)
               + _np_loss(f2.reshape(2, 6, 4), small2, (VOID,), 0.07))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('size_in, size_out', [(33, 7), (64, 16), (321, 41), (97, 25)])
+def test_labels_land_on_their_features_grid(size_in, size_out):
+  """Every resized label is the label of the source pixel nearest its feature's position.
+
+  Features carry their own source position (a coordinate map resized bilinearly with
+  align_corners, as the projection head resizes features); labels mark a class boundary at a
+  known column. Each embedding pixel's label must be the class of the source pixel nearest to
+  where its feature was sampled. PyTorch's floor rule, on these non-divisible grids, puts some
+  labels up to a pixel away.
+  """
+  coords = np.broadcast_to(np.arange(size_in, dtype=np.float32)[None, None, :, None],
+                           (1, size_in, size_in, 1))
+  position = np.asarray(resize.bilinear_align_corners(jnp.asarray(coords),
+                                                      (size_out, size_out)))[0, 0, :, 0]
+  for boundary in (size_in // 3, size_in // 2, 2 * size_in // 3):
+    labels = (np.arange(size_in)[None, None, :] >= boundary).astype(np.int32)
+    labels = np.broadcast_to(labels, (1, size_in, size_in))
+    got = np.asarray(resize.nearest_align_corners(jnp.asarray(labels),
+                                                  (size_out, size_out)))[0, 0]
+    np.testing.assert_array_equal(got, np.floor(position + 0.5) >= boundary)
+  columns = np.broadcast_to(np.arange(size_in, dtype=np.int32), (1, size_in, size_in))
+  landed = np.asarray(resize.nearest_align_corners(jnp.asarray(columns),
+                                                   (size_out, size_out)))[0, 0]
+  assert np.abs(landed - position).max() <= 0.5 + 1e-4
+  floor_rule = np.asarray(resize.nearest(jnp.asarray(columns), (size_out, size_out)))[0, 0]
+  assert np.abs(floor_rule - position).max() > 0.5  # the rule this replaced misses
 
 
 def test_two_view_rejects_unknown_mode():

@@ -62,8 +62,10 @@ def test_pretraining_step_loss_is_the_standalone_loss(mode):
   state = state_lib.create_train_state(config, network, jax.random.key(1),
                                        (*config.crop_size, 3), mesh=mesh)
   assert set(state.params) == {'segmenter', 'projection'}
-  assert not any(k.startswith(('classifier', 'representation')) for k in
-                 state.params['segmenter'])
+  # The segmentation network minus its final layer: the classifier head's hidden layer is in.
+  segmenter = set(state.params['segmenter'])
+  assert {'classifier_conv', 'classifier_bn'} <= segmenter
+  assert not any(k.startswith(('classifier_out', 'representation')) for k in segmenter)
   batch = _batch(config, np.random.default_rng(0))
   key = jax.random.key(7)
   variables = host(state.student_variables())
@@ -164,8 +166,8 @@ def test_staged_run_folders_events_and_finetuning_start(staged_run):
   assert json.loads((workdir / 'config.json').read_text())['pretrain'] == 'within'
   saved = json.loads((workdir / 'pretrain' / 'config.json').read_text())
   assert saved['optimizer'] == config.pretrain_optimizer.to_dict()
-  # The fine-tuning stage starts from the pretrained backbone and decoder, exactly, with a
-  # fresh classifier and no projection head.
+  # The fine-tuning stage starts from every pretrained layer, exactly, with a fresh final
+  # classifier layer and representation head, and no projection head.
   plan = stages.plan(config)
   model, _ = train.stage_model(plan[1])
   start = train.initial_state(plan[1], workdir, model, parallel.make_mesh())
@@ -174,17 +176,23 @@ def test_staged_run_folders_events_and_finetuning_start(staged_run):
                                          workdir / 'pretrain' / 'checkpoints', STEPS)
   ours, theirs = host(start.params), host(pretrained.params['segmenter'])
   assert 'projection' not in ours and 'segmenter' not in ours
-  assert set(theirs) == {'backbone', 'aspp', 'project_conv', 'project_bn'}
+  assert set(theirs) == {'backbone', 'aspp', 'project_conv', 'project_bn', 'classifier_conv',
+                         'classifier_bn'}
+  assert set(ours) - set(theirs) == {'classifier_out', 'representation_conv',
+                                     'representation_bn', 'representation_out'}
   for name in theirs:
     for a, b in zip(jax.tree.leaves(ours[name]), jax.tree.leaves(theirs[name]), strict=True):
       np.testing.assert_array_equal(a, b)
-  for a, b in zip(jax.tree.leaves(host(start.batch_stats['backbone'])),
-                  jax.tree.leaves(host(pretrained.batch_stats['segmenter']['backbone']))):
-    np.testing.assert_array_equal(a, b)
+  stats = host(pretrained.batch_stats['segmenter'])
+  assert set(stats) == {'backbone', 'aspp', 'project_bn', 'classifier_bn'}
+  for name in stats:
+    for a, b in zip(jax.tree.leaves(host(start.batch_stats[name])), jax.tree.leaves(stats[name]),
+                    strict=True):
+      np.testing.assert_array_equal(a, b)
   fresh = host(state_lib.create_train_state(
       plan[1].config, model, jax.random.split(jax.random.key(config.seed))[0],
       (*config.crop_size, 3)).params)
-  for name in ('classifier_conv', 'classifier_out', 'representation_conv'):
+  for name in ('classifier_out', 'representation_conv', 'representation_out'):
     for a, b in zip(jax.tree.leaves(ours[name]), jax.tree.leaves(fresh[name])):
       np.testing.assert_array_equal(a, b)
   assert int(start.step) == 0

@@ -203,7 +203,7 @@ def _flatten(features, labels, name):
           f'must be [B, H, W], got {labels.shape}.')
     size = features.shape[1:3]
     if labels.shape[1:] != size:
-      labels = resize.nearest(labels, size)
+      labels = resize.nearest_align_corners(labels, size)
     return (features.reshape(features.shape[0], -1, features.shape[-1]),
             labels.reshape(labels.shape[0], -1))
   return features, labels
@@ -219,8 +219,9 @@ def two_view_loss(key, feats_orig, feats_dist, labels_orig, labels_dist, *,
       views.
     feats_dist: same shape, projected features of the distorted views.
     labels_orig: [B, N] int, or [B, H, W] int when the features are 4-D
-      (resized to (h, w) with PyTorch-style nearest when the sizes differ;
-      the reference TF code uses align_corners=True nearest instead).
+      (resized to (h, w) when the sizes differ, with nearest on the
+      align_corners grid of the features' bilinear resize, as the released
+      TF code's resize_nearest_neighbor(align_corners=True)).
     labels_dist: same, for the distorted views.
     mode: 'within' (loss on each view, summed) or 'cross' (original view of
       image i with the distorted view of image perm[i], perm a random

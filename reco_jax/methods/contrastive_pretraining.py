@@ -7,15 +7,20 @@ One step here:
    colour distortion of it that keeps the pixel grid, so the labels serve both (`distort`:
    brightness, contrast, saturation and hue jitter in a random order, then greying, SimCLR's
    colour distortion; its strengths are config.distortion, ours to choose);
-2. both views run through the network up to its last feature map before the classifier (the
-   DeepLabV3+ decoder output, the DeepLabV2 ASPP input: `features_only` models) and a
-   projection head (1x1 conv + BN + ReLU layers, a final 1x1 conv, L2-normalised) whose input
-   is first resized to the embedding map (`embedding_size`);
-3. labels are resized to the embedding map with nearest, and the within-image or cross-image
-   loss of `losses/pixel_contrast.py` (temperature config.contrast_temperature, 0.07 in the
-   paper) is minimised with the pretraining optimiser (config.pretrain_optimizer).
-No classifier exists in this stage. The fine-tuning stage keeps the backbone and decoder and
-initialises the classifier afresh (`finetune_variables`).
+2. both views run through the segmentation network minus its final layer (its last hidden
+   feature map: for DeepLabV3+ through the classifier head's 3x3 conv, BN and ReLU; for
+   DeepLabV2 layer4; `features_only` models, the same definition as the segmentation
+   network) and a projection head (1x1 conv + BN + ReLU layers, a final 1x1 conv,
+   L2-normalised; 256 channels throughout in the released code, config.projection_dims)
+   whose input is first resized to the embedding map (`embedding_size`; bilinear with
+   align_corners);
+3. labels are resized to the embedding map with nearest on the same align_corners grid (as
+   the released code's resize_nearest_neighbor(align_corners=True)), and the within-image or
+   cross-image loss of `losses/pixel_contrast.py` (temperature config.contrast_temperature,
+   0.07 in the paper) is minimised with the pretraining optimiser (config.pretrain_optimizer).
+The final classifier layer does not exist in this stage. The fine-tuning stage restores every
+pretrained layer and initialises only the final 1x1 classifier layer and ReCo's
+representation head afresh (`finetune_variables`).
 """
 import math
 
@@ -43,7 +48,7 @@ class PretrainingNetwork(nn.Module):
 
   Attributes:
     segmenter: a segmentation model built with features_only=True; its parameters are those
-      of the full model minus the classifier and representation heads.
+      of the full model minus the final classifier layer and the representation head.
     head_dims: widths of the projection head's 1x1 convs, the last one its output.
     embedding_size: (h, w) the features are resized to (bilinear, align_corners) before the
       head; None keeps the decoder resolution.
@@ -152,8 +157,9 @@ def eval_variables(state: state_lib.TrainState) -> dict:
 
 
 def finetune_variables(pretrained: dict, fresh: dict) -> dict:
-  """The fine-tuning model's initial variables: the pretrained backbone and decoder, the rest
-  (classifier and representation heads) as initialised in `fresh`.
+  """The fine-tuning model's initial variables: every pretrained layer (backbone, decoder,
+  and for DeepLabV3+ the classifier head's 3x3 conv and BatchNorm), the rest (the final 1x1
+  classifier layer and the representation head) as initialised in `fresh`.
 
   pretrained: the pretraining state's {'params', 'batch_stats'} (with 'segmenter' and
   'projection' entries); fresh: a freshly initialised segmentation model's variables. The

@@ -62,8 +62,11 @@ class DeepLabV3Plus(nn.Module):
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32.
     aspp_dim, low_level_dim, head_dim: widths of ASPP, the layer1 projection and the
       hidden layer of both heads (the paper's 256, 48, 256 by default).
-    features_only: return the decoder output (the input of both heads, float32
-      [B, h, w, low_level_dim + aspp_dim]) instead; the heads then have no parameters.
+    features_only: return the segmentation network's last hidden feature map instead, the
+      classifier head's 3x3 conv + BN + ReLU (float32 [B, h, w, head_dim]): everything but
+      the final 1x1 classifier layer, the feature Zhao et al. pretrain (their released loss
+      was written for TF DeepLab, whose decoder convolutions precede a single 1x1 logits
+      layer). The final layer and the representation head then have no parameters.
 
   Called with perturb_features=True (UniMatch's feature perturbation, `methods/unimatch.py`)
   it returns (logits, rep, perturbed logits): the decoder and the classifier run on the
@@ -109,15 +112,18 @@ class DeepLabV3Plus(nn.Module):
     low = nn.relu(bn(name='project_bn')(low))
     high = resize.bilinear_align_corners(high, low.shape[1:3])
     x = jnp.concatenate([low, high], axis=-1)
-    if self.features_only:
-      return x.astype(jnp.float32)
+
+    def hidden(x: jax.Array, prefix: str) -> jax.Array:
+      y = _head_conv(self.head_dim, 3, x.shape[-1], dtype=self.dtype, name=f'{prefix}_conv')(x)
+      return nn.relu(bn(name=f'{prefix}_bn')(y))
 
     def head(x: jax.Array, out_dim: int, prefix: str) -> jax.Array:
-      y = _head_conv(self.head_dim, 3, x.shape[-1], dtype=self.dtype, name=f'{prefix}_conv')(x)
-      y = nn.relu(bn(name=f'{prefix}_bn')(y))
       y = _head_conv(out_dim, 1, self.head_dim, use_bias=True, dtype=self.dtype,
-                     name=f'{prefix}_out')(y)
+                     name=f'{prefix}_out')(hidden(x, prefix))
       return y.astype(jnp.float32)
+
+    if self.features_only:
+      return hidden(x, 'classifier').astype(jnp.float32)
 
     if perturb_features:
       logits, perturbed = jnp.split(head(x, self.num_classes, 'classifier'), 2, axis=0)
@@ -134,7 +140,9 @@ class DeepLabV2(nn.Module):
     rep_dim: channels of the ReCo representation (one 1x1 conv on layer4).
     dtype: compute dtype; parameters stay float32.
     features_only: return layer4 (the input of the classifier's dilated convs, float32
-      [B, h, w, 2048 for ResNet-50/101]) instead; the heads then have no parameters.
+      [B, h, w, 2048 for ResNet-50/101]) instead; the heads then have no parameters. V2's
+      classifier is the sum of four dilated 3x3 convs straight into the classes, with no
+      hidden layer of its own, so layer4 is its last hidden feature map.
   """
   num_classes: int
   backbone: 'str | resnet.ResNetSpec' = 'resnet101'

@@ -97,3 +97,34 @@ def nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
   rows = jnp.asarray(_nearest_indices(in_h, out_h))
   cols = jnp.asarray(_nearest_indices(in_w, out_w))
   return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+
+
+def _nearest_align_corners_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source indices of TF's resize_nearest_neighbor(align_corners=True): the source pixel
+  nearest to the position i (in - 1) / (out - 1) that bilinear align_corners samples, halves
+  rounded away from zero (C's roundf), the scale and product in float32 as TF computes them."""
+  dst = np.arange(out_size, dtype=np.float32)
+  if out_size == 1:
+    return np.zeros(1, np.int64)
+  scale = np.float32(in_size - 1) / np.float32(out_size - 1)
+  position = dst * scale
+  whole = np.floor(position)  # positions are >= 0; position - whole is exact in float32
+  src = (whole + (position - whole >= np.float32(0.5))).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def nearest_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
+  """Nearest-neighbour resize on the align_corners grid (TF's
+  `resize_nearest_neighbor(..., align_corners=True)`): output pixel i takes the source pixel
+  nearest to where `bilinear_align_corners` samples it, so labels resized with it land on the
+  features resized with that.
+
+  x: [B, h, w] or [B, h, w, C] of any dtype; size: (H, W). Returns x's dtype, values copied.
+  """
+  if x.ndim not in (3, 4):
+    raise ValueError(f'nearest_align_corners expects [B, h, w] or [B, h, w, C], got shape '
+                     f'{x.shape}.')
+  out_h, out_w = _check_size(size)
+  rows = jnp.asarray(_nearest_align_corners_indices(x.shape[1], out_h))
+  cols = jnp.asarray(_nearest_align_corners_indices(x.shape[2], out_w))
+  return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
