@@ -218,6 +218,8 @@ def main(argv):
   window = [int(w) for w in f.window_size] if f.window_size else None
   if window is not None and len(window) != 2:
     raise app.UsageError(f'--window_size takes H,W; got {f.window_size}.')
+  if f.output:  # Before the model loads.
+    workdir_lib.check_output_file(f.output, '--output')
   result = evaluate_workdir(
       f.workdir, f.checkpoint, f.split, sliding_window=f.sliding_window, window=window,
       stride_fraction=f.window_stride, data_dir=f.data_dir, manual_dir=f.manual_dir,

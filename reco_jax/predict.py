@@ -113,12 +113,11 @@ def predict_files(workdir: str, patterns: Sequence[str], out: str,
                   alpha: float = 0.7) -> list[dict[str, epath.Path]]:
   """Predicts every image `patterns` name and writes its three PNGs to `out`."""
   files = find_images(patterns)
+  out_dir = workdir_lib.check_output_dir(out, '--out')  # Before the model loads.
   mesh = parallel.make_mesh()
   run = workdir_lib.load_run(workdir, checkpoint, mesh=mesh)
   images = [load_image(p) for p in files]
   classes = predict_images(run, images, batch_size=batch_size, mesh=mesh)
-  out_dir = epath.Path(out)
-  out_dir.mkdir(parents=True, exist_ok=True)
   palette = viz.dataset_palette(run.config.dataset)
   return [write_prediction(out_dir, p.stem, image, c, palette, alpha)
           for p, image, c in zip(files, images, classes)]

@@ -12,8 +12,8 @@ label budgets (Table 1: labelled images; Table 3: partial labels), and each cell
 over seeds with the range (lowest-highest), in percent. Two tables each: the best eval mIoU of
 each run, and its final one (the last evaluation). A '*' marks cells with runs that have not
 finished (last logged step < config.num_train_steps); they are listed below the tables.
-The tables are printed and written to --output (markdown; .csv writes one row per run),
-by default results.md in the runs' common parent directory.
+The tables are printed; --output also writes them to a file (markdown; .csv writes one row per
+run).
 """
 from collections.abc import Iterable, Sequence
 import collections
@@ -22,7 +22,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 from typing import Any
 
 from absl import app
@@ -369,34 +368,23 @@ def to_csv(results: Sequence[RunResult]) -> str:
   return out.getvalue()
 
 
-def default_output(paths: Sequence[str], runs: Sequence[epath.Path]) -> epath.Path:
-  """results.md in the one directory given (a sweep root), else in the runs' common parent."""
-  if len(paths) == 1 and not any(c in paths[0] for c in '*?['):
-    given = epath.Path(paths[0])
-    if given.is_dir() and not (given / workdir_lib.CONFIG_FILE).exists():
-      return given / 'results.md'
-  parents = [str(r.parent) for r in runs]
-  common = os.path.commonpath(parents) if all('://' not in p for p in parents) else parents[0]
-  return epath.Path(common) / 'results.md'
-
-
 def define_flags() -> None:
   """The tool's flags; defined only when it runs, so importing this module defines none."""
-  flags.DEFINE_string('output', None, 'Output file: .md (tables) or .csv (one row per run). '
-                      "Default: results.md in the runs' common parent directory.")
+  flags.DEFINE_string('output', None, 'Also write the results to this file: .md (tables) or '
+                      '.csv (one row per run). Default: print only.')
 
 
 @workdir_lib.user_errors
 def main(argv):
   f = flags.FLAGS
+  output = workdir_lib.check_output_file(f.output, '--output') if f.output else None
   runs = find_runs(argv[1:])
   results = [load_result(r) for r in runs]
   text = to_markdown(results)
   print(text)
-  output = epath.Path(f.output) if f.output else default_output(argv[1:], runs)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(to_csv(results) if output.suffix.lower() == '.csv' else text)
-  print(f'Wrote {output} ({len(results)} runs).')
+  if output is not None:
+    output.write_text(to_csv(results) if output.suffix.lower() == '.csv' else text)
+    print(f'Wrote {output} ({len(results)} runs).')
 
 
 if __name__ == '__main__':

@@ -273,6 +273,37 @@ def _glob(pattern: str) -> list[str]:
   return tf.io.gfile.glob(pattern)
 
 
+def check_output_file(path: str | epath.Path, flag: str) -> epath.Path:
+  """A tool's output file: not a directory, and inside one (created if missing).
+
+  Checked before anything costly runs, so a bad destination fails first. flag: the
+  command-line flag that named it, for the message.
+  """
+  path = epath.Path(path)
+  if path.is_dir():
+    raise ValueError(f'{flag}={path} is a directory; give a file name inside it, e.g. '
+                     f'{flag}={path / "results.md"}.')
+  for parent in (path.parent, *path.parent.parents):
+    if parent.exists():
+      if not parent.is_dir():
+        raise ValueError(f'{flag}={path}: {parent} is a file, not a directory; choose another '
+                         'path.')
+      break
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def check_output_dir(path: str | epath.Path, flag: str) -> epath.Path:
+  """A tool's output directory: created if missing, an error if a file is in its place."""
+  path = epath.Path(path)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f'{flag}={path} is a file, not a directory; give a directory for the '
+                     'outputs (it is created if missing).')
+  check_output_file(path / 'x', flag)  # Its parents are directories.
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
 def user_errors(main_fn):
   """Wraps a tool's main: `setup_tool` first; the expected errors (bad input) end it with
   their message only.

@@ -447,7 +447,17 @@ def test_results_table_means_ranges_and_unfinished_runs(tmp_path):
                        capture_output=True, text=True, timeout=120, env=ENV)
   assert out.returncode == 0, out.stderr
   assert '58.00 (50.00-64.00)*' in out.stdout
-  assert (root / 'results.md').read_text().startswith('# Results')
+  assert not (root / 'results.md').exists()  # A file only when asked for.
+  table = tmp_path / 'tables' / 'voc.md'
+  out = subprocess.run([sys.executable, '-m', 'reco_jax.results', str(root),
+                        f'--output={table}'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=ENV)
+  assert out.returncode == 0, out.stderr
+  assert table.read_text().startswith('# Results')
+  out = subprocess.run([sys.executable, '-m', 'reco_jax.results', str(root),
+                        f'--output={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=ENV)
+  assert out.returncode == 2 and 'is a directory' in out.stderr
   sweep_out = subprocess.run([sys.executable, str(ROOT / 'launch' / 'sweep.py'), '--dry-run',
                               '--tables=1', '--datasets=voc', f'--workdir_root={root}'],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -515,6 +525,19 @@ def test_main_functions(toy_run, tmp_path, capsys):
         module.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+  # A bad destination is found before any model loads (the workdir here has none).
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'a.png')
+  taken = tmp_path / 'taken.txt'
+  taken.write_text('the user\'s file')
+  for module, args, message in (
+      (predict, [f'--images={tmp_path / "a.png"}', f'--out={taken}'], 'is a file'),
+      (evaluate, [f'--output={tmp_path}'], 'is a directory')):
+    with tool_flags(module, f'--workdir={tmp_path / "no_run"}', *args) as argv:
+      with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+  assert taken.read_text() == "the user's file"
 
 
 def test_tools_define_no_flags_on_import():
