@@ -13,6 +13,7 @@ from PIL import Image
 from reco_jax import names
 
 _LISTS = {'train': 'train.txt', 'validation': 'val.txt'}
+_EXIF_ORIENTATION = 0x0112
 
 
 def class_names(root: str | os.PathLike) -> tuple[str, ...]:
@@ -21,11 +22,17 @@ def class_names(root: str | os.PathLike) -> tuple[str, ...]:
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: a folder dataset names its classes in '
                             'classes.txt, one per line (line i names class id i).')
-  classes = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-  if not classes or len(classes) > names.VOID:
-    raise ValueError(f'{path} names {len(classes)} classes; expected 1 to {names.VOID}, one '
-                     f'per line (class id {names.VOID} is void).')
+  classes = tuple(line.strip() for line in _read_lines(path))
+  if len(classes) < 2 or len(classes) > names.VOID:
+    raise ValueError(f'{path} names {len(classes)} class(es); expected 2 to {names.VOID}, one '
+                     f'per line (class id {names.VOID} is void). Segmentation needs at least '
+                     'two classes: name the background as a class of its own.')
   return classes
+
+
+def _read_lines(path: pathlib.Path) -> list[str]:
+  """The non-empty lines of a UTF-8 text file; a byte-order mark at its start is dropped."""
+  return [line for line in path.read_text(encoding='utf-8-sig').splitlines() if line.strip()]
 
 
 def _stems(root: pathlib.Path, split: str) -> list[str]:
@@ -33,7 +40,18 @@ def _stems(root: pathlib.Path, split: str) -> list[str]:
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: list the image stems of the {split} '
                             'split, one per line.')
-  return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  return [line.strip() for line in _read_lines(path)]
+
+
+def check_splits(root: str | os.PathLike) -> None:
+  """Raises ValueError naming the stems that val.txt shares with train.txt: an image in both
+  would be trained on and then evaluated as unseen."""
+  root = pathlib.Path(root)
+  shared = sorted(set(_stems(root, 'train')) & set(_stems(root, 'validation')))
+  if shared:
+    raise ValueError(f'{root / _LISTS["validation"]} lists {len(shared)} image(s) that '
+                     f'{root / _LISTS["train"]} lists too, e.g. {shared[:5]}; evaluation would '
+                     'score images the model trained on. Remove them from one of the lists.')
 
 
 def _image_path(root: pathlib.Path, stem: str) -> pathlib.Path:
@@ -50,12 +68,24 @@ def image_sizes(root: str | os.PathLike, split: str) -> list[tuple[int, int]]:
   root = pathlib.Path(root)
   sizes = []
   for stem in _stems(root, split):
-    with Image.open(_image_path(root, stem)) as image:
-      sizes.append((image.height, image.width))
+    path = _image_path(root, stem)
+    try:
+      with Image.open(path) as image:
+        # EXIF orientations 5-8 turn the picture a quarter: upright it is width x height.
+        turned = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        sizes.append((image.width, image.height) if turned else (image.height, image.width))
+    except (OSError, SyntaxError) as e:
+      raise ValueError(f'{path} cannot be read ({e}): the file is truncated or not an image. '
+                       'Replace it, or remove its stem from the split lists.') from None
   if not sizes:
     raise ValueError(f'{root / _LISTS[split]} is empty; list the image stems of the {split} '
                      'split, one per line.')
   return sizes
+
+
+def num_train_images(root: str | os.PathLike) -> int:
+  """The number of stems train.txt lists."""
+  return len(_stems(pathlib.Path(root), 'train'))
 
 
 def crop_and_eval_size(root: str | os.PathLike, max_crop: int = 321

@@ -25,6 +25,7 @@ from etils import epath
 import jax
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from reco_jax import inference
 from reco_jax import parallel
@@ -35,11 +36,12 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.we
 
 
 def load_image(path: str | epath.Path) -> np.ndarray:
-  """uint8 [H, W, 3] RGB pixels of an image file (grey, palette, RGBA... converted)."""
+  """uint8 [H, W, 3] RGB pixels of an image file (grey, palette, RGBA... converted), upright
+  by its EXIF orientation as viewers show it (and as the training data are read)."""
   path = epath.Path(path)
   try:
     with path.open('rb') as f:
-      image = Image.open(f)
+      image = ImageOps.exif_transpose(Image.open(f))
       return np.asarray(image.convert('RGB'), np.uint8)
   except (OSError, ValueError) as e:
     raise ValueError(f'Cannot read {path} as an image ({e}); pass image files (JPEG, PNG, '

@@ -3,11 +3,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from PIL import Image
+
 import fake_raw
 from configs import folder as folder_config
 from reco_jax import own_data
 from reco_jax import train
 from reco_jax.data import base
+from reco_jax.data import splits
 
 
 @pytest.fixture
@@ -76,7 +79,7 @@ def test_label_of_another_size_names_the_file(tmp_path):
   raw = tmp_path / 'raw'
   fake_raw.make_folder(raw)
   fake_raw.save_png(raw / 'labels' / 'b.png', np.zeros((20, 60), np.uint8))
-  _build_fails(raw, tmp_path, r'image is 40x60 but its label is 20x60.*labels/b\.png')
+  _build_fails(raw, tmp_path, r'image is 40x60 .*but its label is 20x60.*labels/b\.png')
 
 
 def test_image_without_label_names_the_file(tmp_path):
@@ -85,3 +88,71 @@ def test_image_without_label_names_the_file(tmp_path):
   (raw / 'labels' / 'c.png').unlink()
   with pytest.raises(FileNotFoundError, match=r'labels/c\.png'):
     base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+
+
+# --------------------------------------------------------------------------- checked whole
+
+
+def test_validation_images_in_train_txt_are_an_error_naming_them(tmp_path):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)
+  fake_raw.write_lines(raw / 'val.txt', ('e', 'b'))  # b is a training image
+  for check in (lambda: folder_config.get_config(f'data={raw}'),
+                lambda: base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))):
+    with pytest.raises(ValueError, match=r"val\.txt lists 1 image.*train\.txt.*\['b'\]"):
+      check()
+
+
+def test_a_single_class_is_an_error(tmp_path):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw, classes=('thing',))
+  with pytest.raises(ValueError, match=r'classes\.txt names 1 class.*at least two classes'):
+    folder_config.get_config(f'data={raw}')
+
+
+def test_lists_with_a_byte_order_mark_read_as_without(tmp_path, tfds_home):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)
+  for name in ('train.txt', 'val.txt', 'classes.txt'):
+    text = (raw / name).read_text()
+    (raw / name).write_bytes(b'\xef\xbb\xbf' + text.encode())
+  c = folder_config.get_config(f'data={raw},labels=2')
+  assert c.num_classes == 3
+  builder = base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+  assert base.class_names(builder) == ('sky', 'road', 'car')
+  assert builder.info.splits['train'].num_examples == 4
+
+
+def test_a_truncated_image_names_its_file(tmp_path):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)
+  data = (raw / 'images' / 'a.jpg').read_bytes()
+  (raw / 'images' / 'a.jpg').write_bytes(data[:len(data) // 2])
+  _build_fails(raw, tmp_path, r'images/a\.jpg cannot be decoded.*truncated')
+
+
+def test_exif_rotated_images_are_turned_upright(tmp_path):
+  raw = tmp_path / 'raw'
+  written = fake_raw.make_folder(raw, size=(40, 60))
+  upright = written['a'][0]
+  # Stored turned a quarter, with EXIF orientation 6 saying how to show it: upright it is 40x60.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(np.rot90(upright)).save(raw / 'images' / 'a.jpg', exif=exif, quality=100)
+  assert own_data.image_sizes(raw, 'train')[0] == (40, 60)
+  builder = base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+  [example] = [ex for ex in tfds.as_numpy(builder.as_dataset(split='train'))
+               if ex['image_id'] == b'a']
+  assert example['image'].shape == (40, 60, 3)
+  assert np.abs(example['image'].astype(int) - upright).mean() < 8  # JPEG noise only
+
+
+def test_small_folders_label_every_image_by_default(tmp_path, capsys):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)  # 4 training images, fewer than the default 50
+  c = folder_config.get_config(f'data={raw}')
+  assert c.labels == 0
+  assert 'lists 4 training images, fewer than the default labels=50' in capsys.readouterr().out
+  assert folder_config.get_config(f'data={raw},labels=3').labels == 3
+  with pytest.raises(ValueError, match=r'labels=10 asks for 10 .* only 4; use labels=0'):
+    splits.select_uniform(['a', 'b', 'c', 'd'], 10, seed=0)

@@ -60,6 +60,7 @@ class RecoFolder(base.SegmentationBuilder):
     raw_io.raise_if_missing([f for f in _FILES if not (root / f).exists()], len(_FILES),
                             'list files', self.name, _INSTRUCTIONS)
     classes = read_class_names(root)
+    own_data.check_splits(root)
     self.info.metadata['class_names'] = list(classes)
 
     images = raw_io.list_files(root / 'images', ('.jpg', '.jpeg', '.png'))

@@ -14,6 +14,7 @@ from typing import TypeVar
 from etils import epath
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 import tensorflow_datasets as tfds
 
 from reco_jax.data import base
@@ -85,7 +86,7 @@ def read_id_list(root: epath.Path, filename: str, shipped: str | None = None) ->
   """Ids, one per line, from `root/filename` if present, else the shipped `splits/<shipped>`."""
   path = root / filename
   if path.exists():
-    text = path.read_text()
+    text = path.read_bytes().decode('utf-8-sig')  # A byte-order mark is not part of an id.
   elif shipped is None:
     raise FileNotFoundError(f'{path} is missing; it lists ids, one per line.')
   else:
@@ -100,18 +101,28 @@ def shipped_ids(filename: str) -> list[str]:
 
 
 def read_rgb(path: os.PathLike[str]) -> np.ndarray:
-  """Decodes an image file with PIL to uint8 [H, W, 3] (grey, palette, CMYK ... become RGB)."""
-  with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as im:
-    return np.asarray(im.convert('RGB'))
+  """Decodes an image file with PIL to uint8 [H, W, 3] (grey, palette, CMYK ... become RGB),
+  turned upright by its EXIF orientation as image viewers show it (and as a label drawn on
+  it was drawn). A file PIL cannot decode whole is a ValueError naming it."""
+  try:
+    with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as im:
+      return np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{path} cannot be decoded ({e}): the file is truncated or not an image. '
+                     'Replace it, or remove its stem from the split lists.') from None
 
 
 def read_label(path: os.PathLike[str]) -> np.ndarray:
   """Decodes a single-channel PNG mask to its raw values: uint8 [H, W] (palette indices kept)."""
-  with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as im:
-    if im.mode not in ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L', '1'):
-      raise ValueError(f'{path}: a label must be a single-channel PNG of class ids, got PIL '
-                       f'mode {im.mode}. Save masks as 8-bit grayscale (mode L).')
-    label = np.asarray(im)
+  try:
+    with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as im:
+      if im.mode not in ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L', '1'):
+        raise ValueError(f'{path}: a label must be a single-channel PNG of class ids, got PIL '
+                         f'mode {im.mode}. Save masks as 8-bit grayscale (mode L).')
+      label = np.asarray(im)
+  except (OSError, SyntaxError) as e:
+    raise ValueError(f'{path} cannot be decoded ({e}): the file is truncated or not a PNG. '
+                     'Replace it, or remove its stem from the split lists.') from None
   if label.dtype != np.uint8:
     if label.size and (label.min() < 0 or label.max() > 255):
       raise ValueError(f'{path}: label values span {label.min()}..{label.max()}; expected 8-bit '
@@ -123,7 +134,8 @@ def read_label(path: os.PathLike[str]) -> np.ndarray:
 def check_same_size(image_id: str, image: np.ndarray, label: np.ndarray) -> None:
   """Raises ValueError naming `image_id` if image [H, W, 3] and label [H, W] differ in size."""
   if image.shape[:2] != label.shape[:2]:
-    raise ValueError(f'{image_id}: image is {image.shape[0]}x{image.shape[1]} but its label is '
+    raise ValueError(f'{image_id}: image is {image.shape[0]}x{image.shape[1]} (upright, after '
+                     f'its EXIF orientation if it has one) but its label is '
                      f'{label.shape[0]}x{label.shape[1]}; they must have the same size.')
 
 

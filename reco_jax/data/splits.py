@@ -55,8 +55,9 @@ def select_labelled(ids: Sequence[str], classes: Sequence[Sequence[int]], num_la
   if num_labels == 0:
     return sorted(ids)
   if num_labels > len(ids):
-    raise ValueError(f'select_labelled: asked for {num_labels} labelled images but the split has '
-                     f'only {len(ids)}; use num_labels=0 for all of them.')
+    raise ValueError(f'labels={num_labels} asks for {num_labels} labelled images but the '
+                     f'split has only {len(ids)}; use labels=0 for all of them, or a smaller '
+                     'labels=N.')
 
   present = {}
   for image_id, image_classes in zip(ids, classes):
@@ -129,8 +130,9 @@ def select_uniform(ids: Sequence[str], num_labels: int, *, seed: int) -> list[st
     raise ValueError(f'select_uniform: num_labels must be >= 0 (0 = all images), got '
                      f'{num_labels}.')
   if num_labels > len(ids):
-    raise ValueError(f'select_uniform: asked for {num_labels} labelled images but the split has '
-                     f'only {len(ids)}; use num_labels=0 for all of them.')
+    raise ValueError(f'labels={num_labels} asks for {num_labels} labelled images but the '
+                     f'split has only {len(ids)}; use labels=0 for all of them, or a smaller '
+                     'labels=N.')
   ordered = sorted(ids)
   if num_labels == 0:
     return ordered
