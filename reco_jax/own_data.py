@@ -83,6 +83,28 @@ def image_sizes(root: str | os.PathLike, split: str) -> list[tuple[int, int]]:
   return sizes
 
 
+def fingerprint(root: str | os.PathLike) -> str:
+  """A digest of what a build of the folder reads: classes.txt and the split lists (their
+  bytes), and the name, size and modification time of every listed image and label.
+
+  A folder edited after its build (a label redrawn, a class renamed, an image added to a
+  list) gets another fingerprint, so the build is redone (`reco_jax.data.base.prepare`).
+  """
+  root = pathlib.Path(root)
+  digest = hashlib.sha256()
+  for name in ('classes.txt', *_LISTS.values()):
+    path = root / name
+    digest.update(name.encode() + b'\0' + (path.read_bytes() if path.is_file() else b'-'))
+  for split in _LISTS:
+    for stem in _stems(root, split):
+      for path in (_image_path(root, stem), root / 'labels' / f'{stem}.png'):
+        stat = path.stat() if path.is_file() else None
+        entry = f'{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}' if stat else (
+            f'{path.relative_to(root)}:missing')
+        digest.update(entry.encode() + b'\0')
+  return digest.hexdigest()
+
+
 def num_train_images(root: str | os.PathLike) -> int:
   """The number of stems train.txt lists."""
   return len(_stems(pathlib.Path(root), 'train'))

@@ -156,3 +156,25 @@ def test_small_folders_label_every_image_by_default(tmp_path, capsys):
   assert folder_config.get_config(f'data={raw},labels=3').labels == 3
   with pytest.raises(ValueError, match=r'labels=10 asks for 10 .* only 4; use labels=0'):
     splits.select_uniform(['a', 'b', 'c', 'd'], 10, seed=0)
+
+
+def test_a_folder_edited_after_its_build_is_built_again(tmp_path, capsys):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)
+  data_dir = str(tmp_path / 'tfds')
+  first = base.prepare('reco_folder', data_dir, str(raw))
+  assert base.class_names(first) == ('sky', 'road', 'car')
+  base.prepare('reco_folder', data_dir, str(raw))  # unchanged: reused, nothing said
+  assert 'building it again' not in capsys.readouterr().out
+  fake_raw.write_lines(raw / 'classes.txt', ('sky', 'road', 'vehicle'))  # a class renamed
+  second = base.prepare('reco_folder', data_dir, str(raw))
+  assert 'has changed since it was built' in capsys.readouterr().out
+  assert base.class_names(second) == ('sky', 'road', 'vehicle')
+  # A label redrawn: the example's label follows the file.
+  label = np.zeros((40, 60), np.uint8)
+  fake_raw.save_png(raw / 'labels' / 'a.png', label)
+  third = base.prepare('reco_folder', data_dir, str(raw))
+  assert 'has changed since it was built' in capsys.readouterr().out
+  [example] = [ex for ex in tfds.as_numpy(third.as_dataset(split='train'))
+               if ex['image_id'] == b'a']
+  np.testing.assert_array_equal(example['label'][..., 0], label)

@@ -15,8 +15,9 @@ the class count, the image sizes and a data dir of its own from the folder and b
 dataset on first use. Built by hand instead:
   reco_jax.data.base.prepare('reco_folder', data_dir='/data/mine_tfds', manual_dir='/data/mine')
 into a data dir of its own, since TFDS caches by builder name and version and every folder
-dataset is called `reco_folder`. An existing build is reused without reading the folder
-again: to rebuild after changing the files, delete <data_dir>/reco_folder.
+dataset is called `reco_folder`. The build records the folder's fingerprint
+(`own_data.fingerprint`: the lists, classes.txt, and each listed file's size and modification
+time); when the folder has changed since, `prepare` says so and builds it again.
 """
 from etils import epath
 import tensorflow_datasets as tfds
@@ -43,6 +44,11 @@ def read_class_names(root: epath.Path) -> tuple[str, ...]:
   classes = own_data.class_names(root)
   raw_io.check_unique(classes, 'classes.txt', 'reco_folder')
   return classes
+
+
+def source_fingerprint(manual_dir: str) -> str:
+  """What `base.prepare` compares with a build's record to find a folder changed since."""
+  return own_data.fingerprint(manual_dir)
 
 
 class RecoFolder(base.SegmentationBuilder):
@@ -83,6 +89,8 @@ class RecoFolder(base.SegmentationBuilder):
       generators[split] = self._generate_examples(
           [(i, images[i], labels[i]) for i in ids], len(classes))
     return generators
+
+  source_fingerprint = staticmethod(source_fingerprint)
 
   def _generate_examples(self, items: list[tuple[str, epath.Path, epath.Path]],
                          num_classes: int):
