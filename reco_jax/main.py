@@ -30,6 +30,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 
 flags.mark_flags_as_required(['config', 'workdir'])
+# The exit status of a run stopped by a preemption notice (SIGTERM), as a shell reports a
+# process ended by SIGTERM: 128 + 15.
+PREEMPTED_EXIT_CODE = 143
 
 
 def main(argv):
@@ -55,12 +58,16 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
 
+  from reco_jax import preemption  # pylint: disable=g-import-not-at-top
   from reco_jax import train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (imagenet.DownloadError, imagenet.ChecksumError) as e:
-    # The message says what to do; the network stack's traceback would bury it.
+  except (imagenet.DownloadError, imagenet.ChecksumError, ValueError) as e:
+    # The message says what to do; the stack's traceback would bury it.
     raise SystemExit(f'Error: {e}') from None
+  except preemption.Preempted as e:
+    print(e, flush=True)
+    raise SystemExit(PREEMPTED_EXIT_CODE) from None
 
 
 if __name__ == '__main__':

@@ -32,8 +32,10 @@ from reco_jax import evaluation
 from reco_jax import methods
 from reco_jax import names
 from reco_jax import parallel
+from reco_jax import preemption
 from reco_jax import pseudo_labels
 from reco_jax import relations
+from reco_jax import run_guard
 from reco_jax import stages
 from reco_jax import state as state_lib
 from reco_jax import steps
@@ -307,15 +309,12 @@ def _write_run_files(config, workdir: epath.Path, labelled_ids) -> None:
 
 
 def _write_config(config, workdir: epath.Path) -> None:
-  """workdir/config.json (process 0), with a warning when it replaces a different one."""
+  """workdir/config.json (process 0). A resumed run differs from it at most in the fields
+  `run_guard.MAY_CHANGE` lists (checked on start), which it updates."""
   if jax.process_index() != 0:
     return
   path = workdir / workdir_lib.CONFIG_FILE
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if path.exists() and path.read_text() != text:
-    logging.warning('%s differs from the config of this run; it is overwritten (resuming '
-                    'with a changed config continues from the existing checkpoints).', path)
-  path.write_text(text)
+  path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _diverged(step, what, last_saved, checkpoint_dir):
@@ -454,8 +453,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   validate_config(config)
   workdir = epath.Path(workdir)
+  run_guard.check_same_run(config, workdir)  # Before anything in the workdir is written.
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
+  with run_guard.workdir_lock(workdir), preemption.Preemption() as preempt:
+    return _run_stages(config, workdir, preempt)
+
+
+def _run_stages(config, workdir: epath.Path, preempt) -> state_lib.TrainState:
+  """Every stage of `train_and_evaluate`'s plan, in turn."""
   plan = stages.plan(config)
   console = console_lib.Console(1, enabled=jax.process_index() == 0)
   _initial_weights(config, plan, workdir, console)
@@ -472,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if stage.kind == stages.PSEUDO_LABELS:
       _write_pseudo_labels(stage, workdir, where, builder, mesh, console)
     else:
-      state = _train_stage(stage, workdir, where, builder, mesh)
+      state = _train_stage(stage, workdir, where, builder, mesh, preempt)
   return state
 
 
@@ -590,8 +596,12 @@ class _ProbeEval:
 
 
 def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, builder,
-                 mesh) -> state_lib.TrainState:
-  """Trains (or pretrains) one stage in `workdir`; resumes from workdir/checkpoints."""
+                 mesh, preempt) -> state_lib.TrainState:
+  """Trains (or pretrains) one stage in `workdir`; resumes from workdir/checkpoints.
+
+  preempt: the run's `preemption.Preemption`; on a notice the stage saves the step it is at
+  and raises `preemption.Preempted`.
+  """
   config = stage.config
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -612,7 +622,8 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
     state = state_lib.create_train_state(config, model, init_key,
                                          (*tuple(config.crop_size), 3), mesh=mesh,
                                          initial_weights=False)
-    state = manager.restore(start, args=ocp.args.StandardRestore(workdir_lib.abstract(state)))
+    state, start = workdir_lib.restore_latest(manager, workdir_lib.abstract(state),
+                                              console.say)
     if int(parallel.to_host(state.step)) != start:
       raise ValueError(f'Checkpoint {start} in {checkpoint_dir} holds step '
                        f'{int(parallel.to_host(state.step))}; the directory is inconsistent.')
@@ -664,6 +675,8 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
       log = done % config.log_every_steps == 0 or done == total
       evaluate_now = done % config.eval_every_steps == 0 or done == total
       save = done % config.checkpoint_every_steps == 0 or done == total
+      stop = preempt.stop_at(done, sync=log or evaluate_now or save)
+      save = save or stop
       if log or evaluate_now or save:
         # Fetching the metrics syncs with the devices; done only at these steps so that
         # dispatch runs ahead otherwise. A NaN state is never saved: it is caught here first.
@@ -697,6 +710,9 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
         last_saved = done
       if log or evaluate_now:
         writer.flush()
+      if stop:
+        manager.wait_until_finished()
+        raise preemption.Preempted(done, checkpoint_dir)
   finally:
     manager.wait_until_finished()
     best_manager.wait_until_finished()

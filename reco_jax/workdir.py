@@ -188,7 +188,54 @@ def restore_state(config: ml_collections.ConfigDict, model: nn.Module,
   del like
   options = ocp.CheckpointManagerOptions(create=False)
   with ocp.CheckpointManager(epath.Path(directory), options=options) as manager:
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+      raise ValueError(f'The checkpoint of step {step} in {directory} cannot be restored: '
+                       f'{short_cause(e)}.') from None
+
+
+FAILED_CHECKPOINTS = 'checkpoints_failed'
+
+
+def short_cause(error: BaseException) -> str:
+  """The first line of an error's message (at most 200 characters), with its type."""
+  first = (str(error).strip().splitlines() or [''])[0][:200]
+  return f'{type(error).__name__}: {first}' if first else type(error).__name__
+
+
+def restore_latest(manager: ocp.CheckpointManager, target, say) -> tuple[Any, int]:
+  """(state, step) of the newest checkpoint of `manager` that restores into `target`.
+
+  One that fails is reported on one line (step, path, cause) through `say` and moved aside to
+  WORKDIR/checkpoints_failed/STEP, never deleted; the next newest is tried. Raises ValueError
+  when none restores.
+  """
+  directory = epath.Path(manager.directory)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return manager.restore(step, args=ocp.args.StandardRestore(target)), step
+    except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+      aside = directory.parent / FAILED_CHECKPOINTS / str(step)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        if aside.exists():
+          aside = aside.with_name(f'{step}.{len(list(aside.parent.iterdir()))}')
+        (directory / str(step)).rename(aside)
+      say(f'The checkpoint of step {step} in {directory} cannot be restored '
+          f'({short_cause(e)}); moved to {aside}, trying the one before it.')
+      multihost_barrier(f'checkpoint_failed_{step}')
+      manager.reload()
+  raise ValueError(f'No checkpoint in {directory} can be restored (the failed ones are in '
+                   f'{directory.parent / FAILED_CHECKPOINTS}); use a new --workdir to start '
+                   'again.')
+
+
+def multihost_barrier(name: str) -> None:
+  """Waits for every process (a no-op on one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def load_run(workdir: str | epath.Path, checkpoint: str | int = 'best',

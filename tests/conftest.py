@@ -71,3 +71,23 @@ def persistent_compilation_cache(directory, min_compile_secs: float):
     for name, value in saved.items():
       jax.config.update(name, value)
     reset()
+
+
+def sigterm_at_call(monkeypatch, call: int):
+  """Makes the process receive a real SIGTERM during its `call`-th training step."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from reco_jax import steps  # pylint: disable=g-import-not-at-top
+  make_train_step = steps.make_train_step
+  calls = []
+
+  def make(*args, **kwargs):
+    step_fn = make_train_step(*args, **kwargs)
+
+    def step(state, batch, key):
+      calls.append(1)
+      if len(calls) == call:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step_fn(state, batch, key)
+    return step
+
+  monkeypatch.setattr(steps, 'make_train_step', make)

@@ -210,6 +210,21 @@ def _assert_same(a, b):
       np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_sigterm_in_a_staged_run_resumes_to_the_same_parameters(staged_run, tmp_path,
+                                                               monkeypatch):
+  from reco_jax import preemption  # pylint: disable=g-import-not-at-top
+  config, _, state = staged_run
+  workdir = tmp_path / 'preempted'
+  conftest.sigterm_at_call(monkeypatch, STEPS + 3)  # the fine-tuning stage's step 3
+  with pytest.raises(preemption.Preempted, match='stopped at step 3 after saving'):
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  assert (workdir / 'finetune' / 'checkpoints' / '3').is_dir()
+  resumed = train.train_and_evaluate(config, str(workdir))
+  assert event_tags(workdir / 'finetune')['train/loss'] == [1, 2, 3, 4]
+  _assert_same(state, resumed)
+
+
 @pytest.mark.parametrize('killed_in', ['pretrain', 'finetune'])
 def test_killed_staged_run_resumes_to_the_same_parameters(staged_run, tmp_path, killed_in):
   config, workdir, state = staged_run

@@ -161,6 +161,89 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(
     np.testing.assert_array_equal(x, y)
 
 
+def _killed_copy(workdir, tmp_path, name):
+  """A copy of a finished run's workdir without its TensorBoard events."""
+  copy = tmp_path / name
+  shutil.copytree(workdir, copy)
+  for events in copy.glob('events.out.tfevents.*'):
+    events.unlink()
+  return copy
+
+
+def _assert_same_state(a, b):
+  for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
+    for x, y in zip(jax.tree.leaves(host(getattr(a, name))),
+                    jax.tree.leaves(host(getattr(b, name))), strict=True):
+      np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_workdir_holds_one_run(full_run, toy_data_dir, tmp_path):
+  config, workdir, _ = full_run
+  reused = _killed_copy(workdir, tmp_path, 'reused')
+  before = {name: (reused / name).read_text() for name in ('config.json', 'labelled_ids.txt')}
+  other = tiny_config(toy_data_dir, method='supervised', labels=8)
+  with pytest.raises(ValueError, match=r'holds a run of another config') as err:
+    train.train_and_evaluate(other, str(reused))
+  message = str(err.value)
+  assert 'labels: 16 in the workdir, 8 now' in message
+  assert 'method: "classmix" in the workdir, "supervised" now' in message
+  assert 'Use a new --workdir' in message and 'log_every_steps' not in message
+  # Nothing the first run wrote was touched.
+  assert {name: (reused / name).read_text() for name in before} == before
+  # Logging and checkpoint cadence may change on resume: the finished run is found complete.
+  resumed = train.train_and_evaluate(tiny_config(toy_data_dir, log_every_steps=2,
+                                                 eval_batch_size=8), str(reused))
+  assert int(resumed.step) == config.num_train_steps
+
+
+def test_a_second_trainer_on_a_workdir_is_refused(full_run, toy_data_dir, tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = full_run
+  busy = _killed_copy(workdir, tmp_path, 'busy')
+  with open(busy / '.lock', 'a+') as held:  # a live trainer holds it
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(ValueError, match='is in use by a running trainer'):
+      train.train_and_evaluate(config, str(busy))
+  # The lock file of a trainer that is gone blocks nothing (this copy holds the full run's).
+  assert int(train.train_and_evaluate(config, str(busy)).step) == config.num_train_steps
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_path, capsys):
+  config, workdir, state = full_run
+  broken = _killed_copy(workdir, tmp_path, 'broken')
+  files = sorted((p for p in (broken / 'checkpoints' / str(NUM_STEPS)).rglob('*') if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+  largest = files[-1]
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])  # truncated
+  # The tools say it in a line, without Orbax's traceback.
+  model = train.build_model(config)
+  with pytest.raises(ValueError, match=f'step {NUM_STEPS} in .* cannot be restored'):
+    workdir_lib.restore_state(config, model, broken / 'checkpoints', NUM_STEPS)
+  resumed = train.train_and_evaluate(config, str(broken))
+  printed = capsys.readouterr().out
+  assert f'The checkpoint of step {NUM_STEPS} in' in printed and 'trying the one before' in printed
+  assert 'Resuming from the checkpoint of step 2' in printed
+  assert event_tags(broken)['train/loss'] == [3, 4]
+  # Moved aside, not deleted; the run reached the uninterrupted run's state.
+  assert (broken / workdir_lib.FAILED_CHECKPOINTS / str(NUM_STEPS)).is_dir()
+  _assert_same_state(state, resumed)
+
+
+def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(full_run, tmp_path, monkeypatch):
+  from reco_jax import preemption  # pylint: disable=g-import-not-at-top
+  config, _, state = full_run
+  workdir = tmp_path / 'preempted'
+  conftest.sigterm_at_call(monkeypatch, 3)
+  with pytest.raises(preemption.Preempted, match='stopped at step 3 after saving'):
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    assert manager.latest_step() == 3  # a checkpoint off the regular cadence of 2
+  resumed = train.train_and_evaluate(config, str(workdir))
+  assert event_tags(workdir)['train/loss'] == [1, 2, 3, 4]
+  _assert_same_state(state, resumed)
+
+
 def test_invalid_config_errors_are_clear(toy_data_dir, tmp_path):
   with pytest.raises(ValueError, match='multiple of the 4 devices'):
     train.train_and_evaluate(tiny_config(toy_data_dir, batch_size=6), str(tmp_path))
