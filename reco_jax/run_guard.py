@@ -22,6 +22,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from reco_jax import defaults
 from reco_jax import workdir as workdir_lib
 
 LOCK_FILE = '.lock'
@@ -46,11 +47,17 @@ def flatten(values: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def differences(saved: Mapping[str, Any], config: Mapping[str, Any]
                 ) -> list[tuple[str, Any, Any]]:
-  """(field, saved value, new value) of the fields outside MAY_CHANGE that differ."""
+  """(field, saved value, new value) of the fields outside MAY_CHANGE that differ.
+
+  A field the saved config lacks (written before the field existed) matches its default,
+  which is what that run computed with.
+  """
   old, new = flatten(saved), flatten(config)
+  default = flatten(json.loads(defaults.base_config().to_json_best_effort()))
   missing = object()
-  return [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
-          if k.split('.')[0] not in MAY_CHANGE and old.get(k, missing) != new.get(k, missing)]
+  pairs = ((k, old.get(k, default.get(k, missing)), new.get(k, missing))
+           for k in sorted(set(old) | set(new)) if k.split('.')[0] not in MAY_CHANGE)
+  return [(k, a, b) for k, a, b in pairs if a != b]
 
 
 def check_same_run(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
