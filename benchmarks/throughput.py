@@ -195,7 +195,8 @@ def write_folder_dataset(root: pathlib.Path, num_images: int, num_classes: int,
   rng = np.random.default_rng(seed)
   (root / 'images').mkdir(parents=True)
   (root / 'labels').mkdir()
-  stems = [f'img{i:03d}' for i in range(num_images)]
+  # num_images training images and 2 validation images of their own.
+  stems = [f'img{i:03d}' for i in range(num_images + 2)]
   for i, stem in enumerate(stems):
     height, width = _VOC_SIZES[i % len(_VOC_SIZES)]
     coarse = rng.uniform(0, 255, (height // 24, width // 24, 3)).astype(np.uint8)
@@ -208,8 +209,8 @@ def write_folder_dataset(root: pathlib.Path, num_images: int, num_classes: int,
     label = label.copy()
     label[:4], label[-4:], label[:, :4], label[:, -4:] = (names.VOID,) * 4
     Image.fromarray(label).save(root / 'labels' / f'{stem}.png')
-  (root / 'train.txt').write_text('\n'.join(stems) + '\n')
-  (root / 'val.txt').write_text('\n'.join(stems[:2]) + '\n')
+  (root / 'train.txt').write_text('\n'.join(stems[:num_images]) + '\n')
+  (root / 'val.txt').write_text('\n'.join(stems[num_images:]) + '\n')
   (root / 'classes.txt').write_text('\n'.join(f'class{c}' for c in range(num_classes)) + '\n')
 
 

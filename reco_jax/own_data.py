@@ -54,8 +54,11 @@ def check_splits(root: str | os.PathLike) -> None:
                      'score images the model trained on. Remove them from one of the lists.')
 
 
+_IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.JPG', '.JPEG', '.PNG')
+
+
 def _image_path(root: pathlib.Path, stem: str) -> pathlib.Path:
-  for suffix in ('.jpg', '.jpeg', '.png', '.JPG', '.JPEG', '.PNG'):
+  for suffix in _IMAGE_SUFFIXES:
     path = root / 'images' / f'{stem}{suffix}'
     if path.is_file():
       return path
@@ -95,12 +98,14 @@ def fingerprint(root: str | os.PathLike) -> str:
   for name in ('classes.txt', *_LISTS.values()):
     path = root / name
     digest.update(name.encode() + b'\0' + (path.read_bytes() if path.is_file() else b'-'))
-  for split in _LISTS:
-    for stem in _stems(root, split):
-      for path in (_image_path(root, stem), root / 'labels' / f'{stem}.png'):
+  for name in _LISTS.values():  # Missing parts count as such: the build names them.
+    path = root / name
+    for stem in (line.strip() for line in _read_lines(path)) if path.is_file() else ():
+      images = [root / 'images' / f'{stem}{s}' for s in _IMAGE_SUFFIXES]
+      for path in [*(p for p in images if p.is_file()), root / 'labels' / f'{stem}.png']:
         stat = path.stat() if path.is_file() else None
-        entry = f'{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}' if stat else (
-            f'{path.relative_to(root)}:missing')
+        entry = (f'{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}' if stat else
+                 f'{path.relative_to(root)}:missing')
         digest.update(entry.encode() + b'\0')
   return digest.hexdigest()
 
