@@ -104,8 +104,8 @@ def golden_batch(partial, supervised, unlabelled_batches=1):
   labels[:BATCH, :2] = 255
   batch = {'labelled': {'image': images[:BATCH], 'label': labels[:BATCH]}}
   if not supervised:
-    batch['unlabelled'] = {'image': np.concatenate([images[BATCH:], images[BATCH:, :, ::-1]]
-                                                   [:unlabelled_batches * BATCH])}
+    both = np.concatenate([images[BATCH:], images[BATCH:, :, ::-1]])
+    batch['unlabelled'] = {'image': both[:unlabelled_batches * BATCH]}
     if partial:
       sparse = np.full_like(labels[BATCH:], 255)
       sparse[:, ::5, ::5] = labels[BATCH:, ::5, ::5]
