@@ -189,7 +189,7 @@ def _save_store(path: pathlib.Path, store: dict[str, dict]) -> None:
 def _cell(values: dict[int, float], seeds: int) -> str:
   v = 100 * np.asarray(list(values.values()))
   if len(v) == 1:
-    return f'{v[0]:.1f}'
+    return f'{v[0]:.1f}' + (' (1 seed)' if seeds != 1 else '')
   count = f'; {len(v)} seeds' if len(v) != seeds else ''
   return f'{v.mean():.1f} ({v.min():.1f}-{v.max():.1f}{count})'
 

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import conftest
 from configs import toy
+from reco_jax import methods
 from reco_jax import steps
 from reco_jax import train
 from reco_jax import viz
