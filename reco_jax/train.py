@@ -675,7 +675,8 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
       log = done % config.log_every_steps == 0 or done == total
       evaluate_now = done % config.eval_every_steps == 0 or done == total
       save = done % config.checkpoint_every_steps == 0 or done == total
-      stop = preempt.stop_at(done, sync=log or evaluate_now or save)
+      # A notice at the last step lets the stage end as usual (its checkpoint is saved).
+      stop = preempt.stop_at(done, sync=log or evaluate_now or save) and done < total
       save = save or stop
       if log or evaluate_now or save:
         # Fetching the metrics syncs with the devices; done only at these steps so that
