@@ -45,10 +45,11 @@ def get_config(arg=None):
   crop, eval_size = own_data.crop_and_eval_size(folder)
   default_labels = DEFAULT_LABELS
   given = any(item.strip().startswith('labels=') for item in rest.split(','))
-  if not given and own_data.num_train_images(folder) < DEFAULT_LABELS:
+  count = own_data.num_train_images(folder)
+  if not given and count < DEFAULT_LABELS:
     default_labels = 0
-    print(f'{folder} lists {own_data.num_train_images(folder)} training images, fewer than the '
-          f'default labels={DEFAULT_LABELS}: all of them are labelled (labels=0).')
+    print(f'{folder} lists {count} training images, fewer than the default '
+          f'labels={DEFAULT_LABELS}: all of them are labelled (labels=0).')
   return common.paper_config(
       dict(dataset='reco_folder', data_dir=own_data.data_dir(folder), manual_dir=str(folder),
            num_classes=len(own_data.class_names(folder)), min_classes=1, crop_size=crop,

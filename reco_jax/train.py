@@ -288,16 +288,10 @@ def _global_batches(mesh, labelled, unlabelled) -> Iterator[dict]:
 # --------------------------------------------------------------------------- host helpers
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, f'{prefix}{k}.'))
-    elif isinstance(v, (bool, int, float, str)):
-      flat[f'{prefix}{k}'] = v
-    else:
-      flat[f'{prefix}{k}'] = str(v)
-  return flat
+def _flatten(d: Mapping[str, Any]) -> dict[str, Any]:
+  """The config as flat hparams: values that are not scalars become strings."""
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+          for k, v in run_guard.flatten(d).items()}
 
 
 def _write_run_files(config, workdir: epath.Path, labelled_ids) -> None:
