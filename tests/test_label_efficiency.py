@@ -38,7 +38,7 @@ def test_report_grows_with_the_store():
   text = '\n'.join(lines)
   assert '| method | 30 labels | 50 labels |' in text
   assert '| Supervised | 22.0 (20.0-24.0) | 45.0 (40.0-50.0; 2 seeds) |' in text
-  assert '| ClassMix | 33.0 (30.0-36.0) | 60.0 |' in text
+  assert '| ClassMix | 33.0 (30.0-36.0) | 60.0 (1 seed) |' in text
   assert '- ClassMix - Supervised, 30 labels: +10.0, +14.0, +9.0 (mean +11.0)' in text
   # Paired over the seeds both rows have.
   assert '- ClassMix - Supervised, 50 labels: +10.0 (seeds 4; mean +10.0)' in text
