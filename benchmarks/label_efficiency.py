@@ -41,6 +41,7 @@ import numpy as np
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is imported
 from configs import toy as toy_config  # pylint: disable=g-import-not-at-top
 from reco_jax import results  # pylint: disable=g-import-not-at-top
+from reco_jax import stages
 from reco_jax.data import base
 
 _HERE = pathlib.Path(__file__).resolve().parent
@@ -72,16 +73,41 @@ EXTRA = {
     # UniMatch (Yang et al., CVPR 2023) and ReCo on it, at every budget as the core rows.
     'unimatch': (Method('UniMatch', 'unimatch', 'method=unimatch,reco=False'),
                  Method('UniMatch + ReCo', 'unimatch_reco', 'method=unimatch,reco=True')),
-    'pretrain': (Method('Supervised, within-image pretraining', 'supervised_pretrain',
-                        # The class-balanced subset of the other methods, not Zhao's uniform.
-                        'method=supervised,pretrain=within,subset=class_balanced'),),
+    # Zhao et al.'s label-based pixel contrastive pretraining, then the supervised job, at every
+    # budget and with all labels; the class-balanced subset of the other rows, not Zhao's
+    # uniform one, so that a seed pairs it with the Supervised row.
+    'pretrain': (
+        Method('Supervised, within-image pretraining', 'supervised_pretrain',
+               'method=supervised,pretrain=within,subset=class_balanced'),
+        Method('Supervised, cross-image pretraining', 'supervised_pretrain_cross',
+               'method=supervised,pretrain=cross,subset=class_balanced')),
+    # Zhao et al.'s semi-supervised setting: self-training on pseudo-labels, with and without
+    # within-image pretraining of both of its models.
+    'pseudo_label': (
+        Method('Pseudo-label', 'pseudo_label',
+               'method=pseudo_label,pretrain=none,subset=class_balanced'),
+        Method('Pseudo-label, within-image pretraining', 'pseudo_label_pretrain',
+               'method=pseudo_label,pretrain=within,subset=class_balanced')),
+    # How long to pretrain, on the first seed: the toy's 500 steps against longer pretraining.
+    'pretrain_length': (
+        Method('Supervised, within-image pretraining', 'supervised_pretrain',
+               'method=supervised,pretrain=within,subset=class_balanced'),
+        *(Method(f'Supervised, within-image pretraining, {n:,} pretraining steps',
+                 f'supervised_pretrain_p{n}',
+                 'method=supervised,pretrain=within,subset=class_balanced',
+                 (f'--config.pretrain_steps={n}',)) for n in (2000, 5000))),
 }
 PARTS = ('core', 'all', *EXTRA)
-# The parts that run at every budget; the others run at the first.
-EVERY_BUDGET = ('core', 'unimatch')
+# The parts that run at every budget (the others run at the first), those that run with all
+# labels too, and those that run on the first seed only.
+EVERY_BUDGET = ('core', 'unimatch', 'pretrain')
+WITH_ALL_LABELS = ('pretrain',)
+FIRST_SEED = ('pretrain_length',)
 # The runs evaluate twice as often as the main job, so that the mean of their last evaluations
 # is taken near the end of the schedule.
 EVAL_EVERY = 250
+# The embedding probe's metrics at the end of pretraining (within minus between = gap).
+PROBE_METRICS = ('within_class_cosine', 'between_class_cosine', 'cosine_gap')
 ALL_LABELS = Method('Supervised, all 2,000 labels', 'supervised_all', 'method=supervised,reco=False')
 
 
@@ -94,6 +120,21 @@ class Run:
   @property
   def name(self) -> str:
     return f'{self.method.key}_l{self.labels}_s{self.seed}'
+
+
+def grid(parts: list[str], budgets: list[int], seeds: list[int]) -> list[Run]:
+  """The runs of `parts`, in their order (labels 0: all labels)."""
+  runs = []
+  for part in parts:
+    if part == 'all':
+      runs += [Run(ALL_LABELS, 0, s) for s in seeds]
+      continue
+    rows = CORE if part == 'core' else EXTRA[part]
+    seeds_ = seeds[:1] if part in FIRST_SEED else seeds
+    budgets_ = list(budgets if part in EVERY_BUDGET else budgets[:1])
+    budgets_ += [0] if part in WITH_ALL_LABELS else []
+    runs += [Run(m, b, s) for b in budgets_ for s in seeds_ for m in rows]
+  return list(dict.fromkeys(runs))  # a run in two parts runs once
 
 
 def _command(run: Run, root: pathlib.Path, data_dir: str) -> list[str]:
@@ -148,11 +189,29 @@ def _shown(argv: list[str]) -> list[str]:
 
 
 def record(run: Run, workdir: pathlib.Path, seconds: float, context: str) -> dict:
-  """What the store keeps of a finished run: its eval mIoU by step and where it was made."""
-  return {'method': run.method.key, 'labels': run.labels, 'seed': run.seed,
-          'miou': {str(s): v for s, v in sorted(results.load_result(workdir).miou.items())},
-          'minutes': round(seconds / 60, 1) if seconds else None,
+  """What the store keeps of a finished run: its eval mIoU by step, the embedding probe at the
+  end of each pretraining stage, and where it was made."""
+  entry = {'method': run.method.key, 'labels': run.labels, 'seed': run.seed,
+           'miou': {str(s): v for s, v in sorted(results.load_result(workdir).miou.items())}}
+  if probe := _final_probe(workdir):
+    entry['probe'] = probe
+  return {**entry, 'minutes': round(seconds / 60, 1) if seconds else None,
           'date': str(datetime.date.today()), 'command': _invocation(), 'context': context}
+
+
+def _final_probe(workdir: pathlib.Path) -> dict[str, dict[str, float]]:
+  """{pretraining stage folder: {probe metric: value at its last evaluation}}."""
+  index = workdir / stages.STAGES_FILE
+  if not index.exists():
+    return {}
+  probe = {}
+  for stage in json.loads(index.read_text())['stages']:
+    if stage['kind'] == stages.PRETRAIN:
+      values, _ = results.read_scalars(workdir / stage['folder'],
+                                       [f'eval/{k}' for k in PROBE_METRICS])
+      probe[stage['folder']] = {k: values[f'eval/{k}'][max(values[f'eval/{k}'])]
+                                for k in PROBE_METRICS if values[f'eval/{k}']}
+  return probe
 
 
 def pending(runs: list[Run], store: dict[str, dict], root: pathlib.Path) -> list[Run]:
@@ -198,7 +257,9 @@ def _scores(store: dict[str, dict], last: int) -> dict[tuple[str, int], dict[int
   """(method key, labels) -> {seed: score}, seeds in order."""
   scores = {}
   for entry in sorted(store.values(), key=lambda e: e['seed']):
-    scores.setdefault((entry['method'], entry['labels']), {})[entry['seed']] = score(entry, last)
+    # The all-labels supervised runs are the Supervised row's all-labels cell.
+    key = CORE[0].key if entry['method'] == ALL_LABELS.key else entry['method']
+    scores.setdefault((key, entry['labels']), {})[entry['seed']] = score(entry, last)
   return scores
 
 
@@ -220,9 +281,12 @@ def report(store: dict[str, dict], last: int,
            store_name: str) -> tuple[list[str], dict, list[Method], list[int]]:
   """The results file's lines from every stored run, and what the plot needs."""
   scores = _scores(store, last)
-  methods = [m for m in (*CORE, *(m for p in EXTRA for m in EXTRA[p]))
+  # The pretraining-length runs have a table of their own.
+  methods = [m for m in (*CORE, *(m for p in EXTRA if p not in FIRST_SEED for m in EXTRA[p]))
              if any(key == m.key for key, _ in scores)]
+  methods = list({m.key: m for m in methods}.values())
   budgets = sorted({labels for _, labels in scores if labels})
+  columns = budgets + [0] * any(labels == 0 for _, labels in scores)  # 0: all labels
   # The usual number of seeds per cell; a cell over another number says so.
   seeds = collections.Counter(len(v) for v in scores.values()).most_common(1)[0][0]
   toy = toy_config.get_config()
@@ -243,15 +307,12 @@ def report(store: dict[str, dict], last: int,
       'last evaluations, and paired seeds (one seed gives every method the same labelled '
       'subset; per-seed differences below).',
       '',
-      '| method | ' + ' | '.join(f'{b} labels' for b in budgets) + ' |',
-      '|---|' + '---|' * len(budgets),
+      '| method | ' + ' | '.join(map(_column, columns)) + ' |',
+      '|---|' + '---|' * len(columns),
   ]
   for m in methods:
-    cells = [_cell(scores[m.key, b], seeds) if (m.key, b) in scores else '' for b in budgets]
+    cells = [_cell(scores[m.key, b], seeds) if (m.key, b) in scores else '' for b in columns]
     lines.append(f'| {m.name} | ' + ' | '.join(cells) + ' |')
-  if (ALL_LABELS.key, 0) in scores:
-    lines.append(f'| {ALL_LABELS.name} | {_cell(scores[ALL_LABELS.key, 0], seeds)} '
-                 '(any budget) |' + ' |' * (len(budgets) - 1))
   lines += ['', 'Per-seed differences (points, paired by seed):', '']
   pairs = [('ClassMix - Supervised', 'classmix', 'supervised'),
            ('ReCo + ClassMix - ClassMix', 'reco_classmix', 'classmix'),
@@ -262,15 +323,49 @@ def report(store: dict[str, dict], last: int,
   pairs += [(f'{m.name} - ReCo + ClassMix', m.key, 'reco_classmix') for m in EXTRA['ablation']]
   pairs += [(f'{m.name} - Supervised', m.key, 'supervised')
             for p in ('pretrain', 's4gan') for m in EXTRA[p]]
+  pairs += [('Pseudo-label - Supervised', 'pseudo_label', 'supervised'),
+            ('Pseudo-label, within-image pretraining - Pseudo-label', 'pseudo_label_pretrain',
+             'pseudo_label')]
   for title, a, b in pairs:
-    for budget in budgets:
+    for budget in columns:
       common = [s for s in scores.get((a, budget), {}) if s in scores.get((b, budget), {})]
       if common:
         d = 100 * np.array([scores[a, budget][s] - scores[b, budget][s] for s in common])
         which = f'seeds {", ".join(map(str, common))}; ' if len(common) != seeds else ''
-        lines.append(f'- {title}, {budget} labels: {", ".join(f"{x:+.1f}" for x in d)} '
+        lines.append(f'- {title}, {_column(budget)}: {", ".join(f"{x:+.1f}" for x in d)} '
                      f'({which}mean {d.mean():+.1f})')
-  return lines + [''], scores, methods, budgets
+  return lines + _length_study(store, last) + [''], scores, methods, budgets
+
+
+def _column(labels: int) -> str:
+  return f'{labels} labels' if labels else ALL_LABELS.name.split(', ')[1]
+
+
+def _length_study(store: dict[str, dict], last: int) -> list[str]:
+  """The pretraining-length table: for each seed and budget of a longer pretraining run,
+  the fine-tuned mIoU and the probe's cosine gap at the end of pretraining, by length."""
+  longer = {m.key: int(m.flags[0].split('=')[1]) for m in EXTRA['pretrain_length'] if m.flags}
+  toy_steps = toy_config.get_config('pretrain=within').pretrain_steps
+  cells = {}
+  for e in store.values():
+    if e['method'] in longer or e['method'] in ('supervised', 'supervised_pretrain'):
+      steps = longer.get(e['method'], toy_steps if e['method'] == 'supervised_pretrain' else 0)
+      cells.setdefault((e['labels'], e['seed']), {})[steps] = e
+  lines = []
+  for (labels, seed), row in sorted(cells.items()):
+    if not set(row) & set(longer.values()):
+      continue
+    lines += ['', f'Pretraining length ({labels} labels, seed {seed}; 0 = no pretraining): '
+              'eval mIoU (%) after fine-tuning, and the embedding probe on the validation '
+              'pixels at the end of pretraining (mean cosine similarity of a pixel\'s embedding '
+              'to its own class\'s mean embedding and to the other classes\').', '',
+              '| pretraining steps | mIoU | within-class cosine | between-class cosine | gap |',
+              '|---|---|---|---|---|']
+    for steps, e in sorted(row.items()):
+      probe = e.get('probe', {}).get('pretrain', {})
+      values = [f'{probe[k]:.3f}' if k in probe else '' for k in PROBE_METRICS]
+      lines.append(f'| {steps:,} | {100 * score(e, last):.1f} | ' + ' | '.join(values) + ' |')
+  return lines
 
 
 def _plot(scores, methods, budgets, path: pathlib.Path) -> None:
@@ -281,6 +376,7 @@ def _plot(scores, methods, budgets, path: pathlib.Path) -> None:
   # Rows at the same budget are spread sideways so that their error bars do not overlap.
   at = {b: [m.key for m in methods if (m.key, b) in scores] for b in budgets}
   width = 0.04 * (max(budgets) - min(budgets) or max(budgets))
+  colours = {}
   for method in methods:
     xs = [b for b in budgets if (method.key, b) in scores]
     if not xs:
@@ -290,12 +386,18 @@ def _plot(scores, methods, budgets, path: pathlib.Path) -> None:
     v = [100 * np.asarray(list(scores[method.key, b].values())) for b in xs]
     mean = np.array([x.mean() for x in v])
     err = np.array([[m - x.min() for m, x in zip(mean, v)], [x.max() - m for m, x in zip(mean, v)]])
-    ax.errorbar(np.add(xs, dodge), mean, yerr=err, marker='o', capsize=3,
-                ls='-' if len(xs) > 1 else 'none', label=method.name)
-  if (ALL_LABELS.key, 0) in scores:
-    every = 100 * np.mean(list(scores[ALL_LABELS.key, 0].values()))
-    ax.axhline(every, color='grey', ls='--', label=ALL_LABELS.name)
-    ax.set_ylim(top=max(ax.get_ylim()[1], every + 2))
+    bars = ax.errorbar(np.add(xs, dodge), mean, yerr=err, marker='o', capsize=3,
+                       ls='-' if len(xs) > 1 else 'none', label=method.name)
+    colours[method.key] = bars[0].get_color()
+  top = ax.get_ylim()[1]
+  for method in methods:
+    if (method.key, 0) in scores:
+      every = 100 * np.mean(list(scores[method.key, 0].values()))
+      colour = colours.get(method.key, 'grey')
+      ax.axhline(every, color=colour, ls='--', lw=1,
+                 label=f'{method.name}, {ALL_LABELS.name.split(", ")[1]}')
+      top = max(top, every + 2)
+  ax.set_ylim(top=top)
   ax.set_xlabel('labelled images')
   ax.set_ylabel('eval mIoU (%)')
   ax.set_xticks(budgets)
@@ -314,7 +416,9 @@ def main():
   parser.add_argument('--parts', default=','.join(PARTS),
                       help=f'comma-separated parts of the grid, run in this order: '
                       f'{", ".join(PARTS)} ({", ".join(EVERY_BUDGET)} run at every budget, the '
-                      'others at the first; all = supervised on every label)')
+                      f'others at the first; {", ".join(WITH_ALL_LABELS)} with all labels too; '
+                      f'{", ".join(FIRST_SEED)} on the first seed; all = supervised on every '
+                      'label)')
   parser.add_argument('--last', type=int, default=2, help='evaluations averaged per run')
   parser.add_argument('--jobs', type=int, default=1,
                       help='runs at a time, each pinned to its own share of the CPU cores')
@@ -337,15 +441,7 @@ def main():
   store_path = out.with_suffix('.json')
   store = load_store(store_path)
 
-  runs = []  # in the order of --parts
-  for part in parts:
-    if part in EVERY_BUDGET:
-      rows = CORE if part == 'core' else EXTRA[part]
-      runs += [Run(m, b, s) for b in args.budgets for s in args.seeds for m in rows]
-    elif part == 'all':
-      runs += [Run(ALL_LABELS, 0, s) for s in args.seeds]
-    else:
-      runs += [Run(m, args.budgets[0], s) for s in args.seeds for m in EXTRA[part]]
+  runs = grid(parts, args.budgets, args.seeds)
   stored = len(runs)
   runs = pending(runs, store, root)
   stored -= len(runs)

@@ -71,3 +71,45 @@ def test_the_committed_results_file_is_the_committed_stores():
   out = _PATH.parent / 'results' / 'label_efficiency'
   lines, *_ = le.report(le.load_store(out.with_suffix('.json')), 2, 'label_efficiency.json')
   assert out.with_suffix('.md').read_text() == '\n'.join(lines)
+
+
+def test_all_labels_column_and_pretraining_length_table():
+  store = {}
+  for seed in range(3):
+    store[f'supervised_l30_s{seed}'] = _entry('supervised', 30, seed, {2000: 0.2 + seed / 100})
+    store[f'supervised_all_l0_s{seed}'] = _entry('supervised_all', 0, seed, {2000: 0.5})
+    store[f'supervised_pretrain_l0_s{seed}'] = _entry('supervised_pretrain', 0, seed,
+                                                      {2000: 0.55})
+  probe = {'within_class_cosine': 0.5, 'between_class_cosine': 0.1, 'cosine_gap': 0.4}
+  store['supervised_pretrain_l30_s0'] = _entry('supervised_pretrain', 30, 0, {2000: 0.3},
+                                               probe={'pretrain': probe})
+  store['supervised_pretrain_p2000_l30_s0'] = _entry(
+      'supervised_pretrain_p2000', 30, 0, {2000: 0.35},
+      probe={'pretrain': {k: v / 2 for k, v in probe.items()}})
+  lines, scores, methods, budgets = le.report(store, 1, 'store.json')
+  text = '\n'.join(lines)
+  assert budgets == [30] and scores['supervised', 0] == {0: 0.5, 1: 0.5, 2: 0.5}
+  assert '| method | 30 labels | all 2,000 labels |' in text
+  assert '| Supervised | 21.0 (20.0-22.0) | 50.0 (50.0-50.0) |' in text
+  assert '| Supervised, within-image pretraining | 30.0 (1 seed) | 55.0 (55.0-55.0) |' in text
+  assert ('- Supervised, within-image pretraining - Supervised, all 2,000 labels: '
+          '+5.0, +5.0, +5.0 (mean +5.0)') in text
+  # The longer pretraining has its own table, not a row of the main one.
+  assert 'pretraining steps |' not in text.split('Per-seed')[0]
+  assert '| 0 | 20.0 |  |  |  |' in text
+  assert '| 500 | 30.0 | 0.500 | 0.100 | 0.400 |' in text
+  assert '| 2,000 | 35.0 | 0.250 | 0.050 | 0.200 |' in text
+
+
+def test_parts_select_budgets_seeds_and_all_labels():
+  runs = le.grid(['pretrain', 'pretrain_length', 'pseudo_label', 'all'], [30, 100], [0, 1])
+  names = [r.name for r in runs]
+  assert {n for n in names if n.startswith('supervised_pretrain_l')} == {
+      f'supervised_pretrain_l{b}_s{s}' for b in (30, 100, 0) for s in (0, 1)}
+  assert len(names) == len(set(names))  # the 500-step run is in both pretraining parts
+  assert [n for n in names if 'pretrain_p' in n] == [
+      'supervised_pretrain_p2000_l30_s0', 'supervised_pretrain_p5000_l30_s0']
+  assert {n for n in names if n.startswith('pseudo')} == {
+      'pseudo_label_l30_s0', 'pseudo_label_l30_s1',
+      'pseudo_label_pretrain_l30_s0', 'pseudo_label_pretrain_l30_s1'}
+  assert names[-2:] == ['supervised_all_l0_s0', 'supervised_all_l0_s1']
