@@ -65,7 +65,8 @@ def main():
                                                 unlabelled_batch=10),
     }
     for name, kw in runs.items():
-      labelled, unlabelled, _ = pipeline.train_iterators(builder, **common, **kw)
+      labelled, unlabelled, _ = pipeline.train_iterators(builder,
+                                                         pipeline.TrainData(**common, **kw))
       it = unlabelled if kw['unlabelled_batch'] else labelled
       per_batch = seconds_per_batch(it, args.batches)
       size = kw['unlabelled_batch'] or kw['labelled_batch']

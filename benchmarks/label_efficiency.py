@@ -42,7 +42,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is impor
 from configs import toy as toy_config  # pylint: disable=g-import-not-at-top
 from reco_jax import results  # pylint: disable=g-import-not-at-top
 from reco_jax import stages
-from reco_jax.data import base
+from reco_jax import data as data_lib
 
 _HERE = pathlib.Path(__file__).resolve().parent
 _OUT = _HERE / 'results' / 'label_efficiency'
@@ -108,7 +108,8 @@ FIRST_SEED = ('pretrain_length',)
 EVAL_EVERY = 250
 # The embedding probe's metrics at the end of pretraining (within minus between = gap).
 PROBE_METRICS = ('within_class_cosine', 'between_class_cosine', 'cosine_gap')
-ALL_LABELS = Method('Supervised, all 2,000 labels', 'supervised_all', 'method=supervised,reco=False')
+ALL_LABELS = Method('Supervised, all 2,000 labels', 'supervised_all',
+                    'method=supervised,reco=False')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,7 +447,7 @@ def main():
   runs = pending(runs, store, root)
   stored -= len(runs)
 
-  base.prepare('reco_toy', args.data_dir or None)  # once, before parallel runs read it
+  data_lib.prepare('reco_toy', args.data_dir or None)  # once, before parallel runs read it
   cores = sorted(os.sched_getaffinity(0))
   jobs = max(1, min(args.jobs, len(cores)))
   shares = [cores[i::jobs] for i in range(jobs)] if jobs > 1 else [None]

@@ -30,6 +30,7 @@ from reco_jax import stages
 from reco_jax import state as state_lib
 from reco_jax import steps
 from reco_jax import train
+from reco_jax import methods
 
 _OUT = pathlib.Path(__file__).resolve().parent / 'results' / 'pretraining.md'
 
@@ -58,7 +59,7 @@ def final_miou(workdir: pathlib.Path, last: int) -> float:
 def step_seconds(config, kind: str, repeats: int = 20) -> float:
   """Seconds per jitted step of a stage of `config` on random toy-sized batches."""
   stage = [s for s in stages.plan(config) if s.kind == kind][0]
-  model, method = train.stage_model(stage)
+  model, method = methods.stage_model(stage)
   mesh = parallel.make_mesh()
   state = state_lib.create_train_state(stage.config, model, jax.random.key(0),
                                        (*stage.config.crop_size, 3), mesh=mesh)

@@ -49,12 +49,13 @@ from PIL import Image  # noqa: E402
 
 from configs import voc  # noqa: E402
 from reco_jax import console  # noqa: E402
+from reco_jax import inputs  # noqa: E402
 from reco_jax import methods  # noqa: E402
 from reco_jax import names  # noqa: E402
 from reco_jax import parallel  # noqa: E402
 from reco_jax import state as state_lib  # noqa: E402
 from reco_jax import steps  # noqa: E402
-from reco_jax import train  # noqa: E402
+from reco_jax.models import deeplab  # noqa: E402
 import input_pipeline  # noqa: E402  (benchmarks/)
 import train_step  # noqa: E402  (benchmarks/)
 
@@ -142,7 +143,7 @@ def _device_peak_bytes() -> int | None:
 def measure_step(args, precision: str) -> dict:
   """Compile time, step times, FLOPs and memory of one precision's step."""
   config = step_config(args, precision)
-  model = train.build_model(config)
+  model = deeplab.model_from_config(config)
   mesh = parallel.make_mesh()
   size, batch_size = args.size, config.batch_size
   before = _device_peak_bytes() or 0
@@ -217,7 +218,7 @@ def write_folder_dataset(root: pathlib.Path, num_images: int, num_classes: int,
 def measure_pipeline(args) -> dict:
   """images/s of the trainer's labelled and unlabelled streams for the fp32 step's config."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from reco_jax.data import base  # pylint: disable=g-import-not-at-top
+  from reco_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   config = step_config(args, 'fp32')
   config.labels = args.pipeline_images // 2
   with tempfile.TemporaryDirectory() as tmp:
@@ -226,14 +227,14 @@ def measure_pipeline(args) -> dict:
     write_folder_dataset(root / 'raw', args.pipeline_images, config.num_classes)
     tfds.disable_progress_bar()
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS's build messages
-      builder = base.prepare('reco_folder', data_dir=str(root / 'tfds'),
+      builder = data_lib.prepare('reco_folder', data_dir=str(root / 'tfds'),
                              manual_dir=str(root / 'raw'))
     build_s = time.perf_counter() - start
     stored = sum(f.stat().st_size for f in (root / 'tfds').rglob('*-train.tfrecord*'))
 
     def streams():
       """Fresh (labelled, unlabelled) iterators: the trainer's own for this config."""
-      labelled, unlabelled, _ = train._train_iterators(  # pylint: disable=protected-access
+      labelled, unlabelled, _ = inputs.train_streams(
           config, builder, 0, method=methods.get(config.method))
       return labelled, unlabelled
 

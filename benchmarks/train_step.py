@@ -115,7 +115,7 @@ def random_batch(rng, batch, size, num_classes, method):
     labels[:, :, :size // 20] = 255
     return labels
 
-  labelled_n, unlabelled_n = (b * batch for b in methods.get(method).BRANCHES)
+  labelled_n, unlabelled_n = (b * batch for b in methods.get(method).branches)
   labelled_n = batch if method == 'supervised' else labelled_n  # `--time_batch` images
   out = {'labelled': {'image': rng.normal(size=(labelled_n, size, size, 3)).astype(np.float32),
                       'label': labelled(labelled_n)}}
@@ -212,7 +212,7 @@ def compare_unimatch(args, model, mesh, rng):
     config = make_config(method, reco, args.memory_batch, args.size, precision=args.precision)
     temp, flops, compile_s = temp_memory(config, model, mesh, args.size, rng)
     costs[method, reco] = temp, flops
-    images = '+'.join(str(b * args.memory_batch) for b in methods.get(method).BRANCHES)
+    images = '+'.join(str(b * args.memory_batch) for b in methods.get(method).branches)
     print(f'{method} {images} reco={reco}: temp memory {temp / 2**30:.2f} GiB, '
           f'{flops / 1e9:.1f} GFLOP (compile {compile_s:.0f} s)', flush=True)
   state = state_lib.create_train_state(make_config('classmix', True, args.time_batch,
@@ -226,7 +226,7 @@ def compare_unimatch(args, model, mesh, rng):
     secs, cpu, compile_s, loss = seconds_per_step(config, model, mesh, start, args.size, rng,
                                                   args.steps)
     timing[method, reco] = secs
-    images = '+'.join(str(b * args.time_batch) for b in methods.get(method).BRANCHES)
+    images = '+'.join(str(b * args.time_batch) for b in methods.get(method).branches)
     print(f'{method} {images} reco={reco}: {secs:.3f} s/step, CPU {cpu:.3f} s/step '
           f'(compile {compile_s:.0f} s, loss {loss:.3f})', flush=True)
   print(f'load average {os.getloadavg()}')

@@ -121,7 +121,7 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   Returns:
     An unlocked ConfigDict. Partial labels use every training image (labels=0). (Methods
     without an unlabelled branch read 2 x batch_size labelled images per step, however the
-    method is set: see `train.branch_batches`.)
+    method is set: see `inputs.branch_batches`.)
   """
   args, given = _parse(arg, dict(labels=default_labels, partial='', method='classmix',
                                  reco=True, seed=0, backbone='deeplabv3p', split='',
@@ -163,7 +163,7 @@ def make_config(dataset: Mapping[str, Any], arg: str | None,
   c.model.dtype = names.PRECISIONS[args.precision]
   c.init_weights = args.init_weights
   # The method's own settings where its authors' differ from the paper config's.
-  overrides = getattr(methods.get(c.method), 'config_overrides', None)
+  overrides = methods.get(c.method).config_overrides
   _update(c, overrides(c) if overrides else {})
   if args.runlocal:
     apply_runlocal(c)

@@ -1,7 +1,7 @@
 """Every field of a training config, with its default (Pascal VOC values of the ReCo paper).
 
-The config files in configs/ start from `base_config()`; `train.validate_config` checks a
-config against it.
+The config files in configs/ start from `base_config()`; `config_checks.validate_config`
+checks a config against it.
 """
 import ml_collections
 

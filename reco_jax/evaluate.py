@@ -6,8 +6,8 @@
 The config is the run's own (WORKDIR/config.json) and the evaluated variables are those of
 training (the EMA teacher for semi-supervised runs, steps.eval_variables). The default
 whole-image mode runs the trainer's own evaluation (the input pipeline's eval_iterator,
-steps.make_eval_step, train.evaluate), so it reproduces the eval/miou the trainer logged for
-that checkpoint's step to the last pixel count. --sliding_window evaluates with overlapping
+steps.make_eval_step, evaluation.confusion_over), so it reproduces the eval/miou the trainer
+logged for that checkpoint's step to the last pixel count. --sliding_window evaluates with overlapping
 windows of the training crop size (reco_jax.inference). Writes a table (markdown, or CSV when
 --output ends in .csv) and a row-normalised confusion-matrix PNG beside it; by default both go
 to WORKDIR/eval/.
@@ -71,8 +71,7 @@ def evaluate_run(run: workdir_lib.Run, builder, split: str, *, sliding_window: b
   window: the sliding-window size (default config.crop_size); batch_size: the global eval
   batch (default config.eval_batch_size).
   """
-  # The trainer and the input pipeline (they import TensorFlow) only when evaluating.
-  from reco_jax import train
+  # The input pipeline (it imports TensorFlow) only when evaluating.
   from reco_jax.data import base
   from reco_jax.data import pipeline
   config = run.config
@@ -92,7 +91,8 @@ def evaluate_run(run: workdir_lib.Run, builder, split: str, *, sliding_window: b
     eval_step = steps.make_eval_step(config, run.model, mesh)
     mode = f'whole image ({config.eval_size[0]}x{config.eval_size[1]})'
   variables = run.eval_variables()
-  confusion, _ = train.evaluate(eval_step, variables, batches, mesh, int(config.num_classes))
+  confusion, _ = evaluation.confusion_over(eval_step, variables, batches, mesh,
+                                          int(config.num_classes))
   return EvalResult(np.asarray(confusion, np.int64), base.class_names(builder), run.step,
                     str(run.checkpoint_dir), split, mode)
 
@@ -106,11 +106,12 @@ def evaluate_workdir(workdir: str, checkpoint: str | int = 'best', split: str | 
 
   data_dir / manual_dir replace the config's when the dataset lives elsewhere now.
   """
+  from reco_jax import data as data_lib  # pylint: disable=g-import-not-at-top  (TensorFlow)
   overrides = {k: v for k, v in (('data_dir', data_dir), ('manual_dir', manual_dir)) if v}
   mesh = parallel.make_mesh()
   run = workdir_lib.load_run(workdir, checkpoint, mesh=mesh, overrides=overrides)
-  builder = workdir_lib.dataset_builder(run.config)
-  split = workdir_lib.eval_split(builder, split)
+  builder = data_lib.prepare_for_config(run.config, flags='--')
+  split = data_lib.eval_split(builder, split)
   return evaluate_run(run, builder, split, sliding_window=sliding_window, window=window,
                       stride_fraction=stride_fraction, batch_size=batch_size, mesh=mesh)
 

@@ -1,5 +1,30 @@
 """Segmentation metrics from a confusion matrix summed over the whole evaluation set."""
+from collections.abc import Callable, Iterable
+
+import jax
 import numpy as np
+
+from reco_jax import parallel
+
+
+def confusion_over(eval_step: Callable, variables, eval_batches: Iterable,
+                   mesh: jax.sharding.Mesh, num_classes: int) -> tuple[np.ndarray, dict | None]:
+  """Confusion matrix over the whole eval set: int64 [C, C], rows = ground truth.
+
+  eval_step: `steps.make_eval_step`'s; eval_batches: host batches (`pipeline.eval_iterator`).
+  Per-batch int32 matrices come from the devices; they are summed on the host in int64 so
+  large evaluation sets cannot overflow. Returns (confusion, first global batch or None).
+  """
+  confusions, first = [], None
+  for local in eval_batches:
+    batch = parallel.shard_batch(mesh, local)
+    if first is None:
+      first = batch
+    confusions.append(eval_step(variables, batch))
+  total = np.zeros((num_classes, num_classes), np.int64)
+  for confusion in confusions:
+    total += parallel.to_host(confusion).astype(np.int64)
+  return total, first
 
 
 def _check(confusion) -> np.ndarray:

@@ -184,17 +184,17 @@ def preprocess(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
   """uint8 [h, w, 3] -> float32 [H, W, 3] ImageNet-normalised, padded as in evaluation.
 
   Pads bottom/right to `size` by reflection with the input pipeline's own ops
-  (pipeline.pad_to_size), so an image predicted here sees the very input it gets in
+  (image_ops.pad_to_size), so an image predicted here sees the very input it gets in
   evaluation. size must be at least the image size.
   """
   from reco_jax import normalization
-  from reco_jax.data import pipeline
+  from reco_jax.data import image_ops
   tf = _tf()
   h, w = image.shape[:2]
   if h > size[0] or w > size[1]:
     raise ValueError(f'preprocess pads only: the image is {h}x{w}, the size {tuple(size)}.')
   x = tf.image.convert_image_dtype(tf.constant(image, tf.uint8), tf.float32)
-  x, _ = pipeline.pad_to_size(x, None, int(size[0]), int(size[1]))
+  x, _ = image_ops.pad_to_size(x, None, int(size[0]), int(size[1]))
   return np.asarray(normalization.normalize(x), np.float32)
 
 

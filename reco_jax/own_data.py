@@ -91,7 +91,7 @@ def fingerprint(root: str | os.PathLike) -> str:
   bytes), and the name, size and modification time of every listed image and label.
 
   A folder edited after its build (a label redrawn, a class renamed, an image added to a
-  list) gets another fingerprint, so the build is redone (`reco_jax.data.base.prepare`).
+  list) gets another fingerprint, so the build is redone (`reco_jax.data.prepare`).
   """
   root = pathlib.Path(root)
   digest = hashlib.sha256()

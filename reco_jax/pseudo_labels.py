@@ -12,6 +12,7 @@ and is written again from the start.
 """
 from collections.abc import Sequence
 import json
+import time
 
 from etils import epath
 import jax
@@ -19,9 +20,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from reco_jax import console as console_lib
 from reco_jax import inference
+from reco_jax import inputs
+from reco_jax import methods
 from reco_jax import names
 from reco_jax import parallel
+from reco_jax import stages
+from reco_jax import steps
+from reco_jax import workdir as workdir_lib
+from reco_jax.data import pipeline
+from reco_jax.data import splits
 from reco_jax.methods import common
 
 MANIFEST = 'manifest.json'
@@ -151,3 +160,29 @@ def decode(png: bytes) -> np.ndarray:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.decode_png(png, channels=1).numpy()[..., 0]
 
+
+def write_stage(stage: stages.Stage, run_dir: epath.Path, where: epath.Path, builder, mesh,
+                console) -> None:
+  """Runs a PSEUDO_LABELS stage (`reco_jax.stages`) into `where`: the final model of stage 0
+  (in run_dir / stage.pseudo_labels) labels the unlabelled train images. Nothing to do when
+  `where` is complete."""
+  if is_complete(where):
+    console.say(f'The pseudo-labels in {where} are complete; nothing to do.')
+    return
+  config = stage.config
+  source = stages.Stage(stage.pseudo_labels, stages.TRAIN, config)
+  model, _ = methods.stage_model(source)
+  directory = run_dir / stage.pseudo_labels / workdir_lib.CHECKPOINTS
+  step = int(config.num_train_steps)
+  state = workdir_lib.restore_state(config, model, directory, step, mesh=mesh)
+  ids, _ = pipeline.train_ids_and_classes(builder)
+  labelled = inputs.labelled_ids(config, builder)
+  u_ids, keep, _ = splits.unlabelled_selection(ids, labelled, config.unlabelled_fraction,
+                                                 config.seed)
+  chosen = set(u_ids)
+  targets = [i for i in ids if (i in chosen) == keep]
+  start = time.time()
+  write(where, config, model, steps.eval_variables(config, state), builder,
+        targets, source=f'{directory}/{step}')
+  console.say(f'Wrote the pseudo-labels of {len(targets)} images to {where} in '
+              f'{console_lib.duration(time.time() - start)}.')

@@ -18,13 +18,12 @@ of the classifier's first layer without changing the model. Class means are take
 embedding resolution with the labels resized by nearest neighbour, as the ReCo loss computes
 its prototypes.
 
-The pure pieces serve the trainer too: `make_class_stats_step` (a fixed-shape jitted
-accumulation), `class_means`, `relation_graph`, `relation_image` (the heatmap as a TensorBoard
+The pure pieces serve the trainer too: `embeddings_fn` (the spaces, for the accumulation of
+`reco_jax.class_stats`), `relation_graph`, `relation_image` (the heatmap as a TensorBoard
 image) and `make_query_maps_fn` / `query_panel_images` (the paper's Fig. 2 easy and hard
 queries).
 """
 from collections.abc import Callable, Mapping, Sequence
-import dataclasses
 
 from absl import app
 from absl import flags
@@ -35,10 +34,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from reco_jax import class_stats
 from reco_jax import parallel
 from reco_jax import viz
 from reco_jax import workdir as workdir_lib
-from reco_jax.losses import reco as reco_lib
 from reco_jax.models import resize
 
 EMBEDDINGS = ('R', 'Z')
@@ -76,89 +75,16 @@ def apply_with_embeddings(model: nn.Module, variables, images: jax.Array
   return logits, {'R': rep, 'Z': captured[0].astype(jnp.float32)}
 
 
-def class_statistics(features: jax.Array, labels: jax.Array, valid: jax.Array | None,
-                     num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Per-class sums and pixel counts of `features` over the valid labelled pixels.
-
-  features: float [B, h, w, D]; labels: int [B, H, W] class ids at the image size (255 =
-  void; ids outside 0..C-1 are not counted); valid: bool [B] (False for padding examples)
-  or None. Labels are resized to (h, w) by nearest neighbour, as for ReCo's prototypes.
-  Returns sums float32 [C, D] and counts float32 [C] (exact below 2**24 pixels).
-  """
-  small = resize.nearest(labels.astype(jnp.int32), features.shape[1:3])
-  ok = (small >= 0) & (small < num_classes)
-  if valid is not None:
-    ok = ok & valid.astype(bool)[:, None, None]
-  return reco_lib.class_statistics(features.astype(jnp.float32), small, ok, num_classes)
-
-
-def make_class_stats_step(config: ml_collections.ConfigDict, model: nn.Module,
-                          mesh: jax.sharding.Mesh | None = None,
-                          embeddings: Sequence[str] = EMBEDDINGS) -> Callable:
-  """Jitted stats_step(variables, batch, totals) -> totals, accumulating class statistics.
-
-  batch: an eval batch {'image': float32 [B, H, W, 3], 'label': int32 [B, H, W],
-  'valid': bool [B]}; totals: {E: (sums float32 [C, D_E], counts float32 [C])} for each
-  embedding E in `embeddings`, from `init_totals` or the previous call (donated). Every shape
-  is fixed, so one compilation serves the whole evaluation set.
-  """
+def embeddings_fn(model: nn.Module, embeddings: Sequence[str] = EMBEDDINGS) -> Callable:
+  """embed(variables, images) -> {E: float32 [B, h, w, D_E]} for each embedding space E in
+  `embeddings`, for `class_stats.make_stats_step`."""
   embeddings = _check_embeddings(embeddings)
-  num_classes = int(config.num_classes)
 
-  def stats_step(variables, batch, totals):
-    _, features = apply_with_embeddings(model, variables, batch['image'])
-    out = {}
-    for name in embeddings:
-      sums, counts = class_statistics(features[name], batch['label'], batch.get('valid'),
-                                      num_classes)
-      out[name] = (totals[name][0] + sums, totals[name][1] + counts)
-    return out
+  def embed(variables, images):
+    _, features = apply_with_embeddings(model, variables, images)
+    return {name: features[name] for name in embeddings}
 
-  out = parallel.replicated(mesh) if mesh is not None else None
-  return jax.jit(stats_step, donate_argnums=2, out_shardings=out)
-
-
-def init_totals(config: ml_collections.ConfigDict, model: nn.Module, variables,
-                image_shape: Sequence[int], embeddings: Sequence[str] = EMBEDDINGS,
-                mesh: jax.sharding.Mesh | None = None) -> dict:
-  """Zero totals for make_class_stats_step; image_shape: (B, H, W, 3) of an eval batch."""
-  embeddings = _check_embeddings(embeddings)
-  shapes = jax.eval_shape(lambda v, x: apply_with_embeddings(model, v, x)[1], variables,
-                          jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32))
-  num_classes = int(config.num_classes)
-  totals = {name: (jnp.zeros((num_classes, shapes[name].shape[-1]), jnp.float32),
-                   jnp.zeros((num_classes,), jnp.float32)) for name in embeddings}
-  return jax.device_put(totals, parallel.replicated(mesh)) if mesh is not None else totals
-
-
-@dataclasses.dataclass
-class ClassMeans:
-  """Mean embedding of each class: means float64 [C, D] (NaN rows for classes without pixels),
-  counts int64 [C] pixels averaged."""
-  means: np.ndarray
-  counts: np.ndarray
-
-  @property
-  def present(self) -> np.ndarray:
-    return self.counts > 0
-
-
-def class_means(stats_step: Callable, totals: dict, variables, batches,
-                mesh: jax.sharding.Mesh) -> dict[str, ClassMeans]:
-  """Runs stats_step over every batch of `batches` (host numpy batches, e.g. eval_iterator).
-
-  Returns {E: ClassMeans}; the only host transfer is the final totals.
-  """
-  for local in batches:
-    totals = stats_step(variables, parallel.shard_batch(mesh, local), totals)
-  out = {}
-  for name, (sums, counts) in totals.items():
-    sums = np.asarray(parallel.to_host(sums), np.float64)
-    counts = np.rint(np.asarray(parallel.to_host(counts))).astype(np.int64)
-    with np.errstate(invalid='ignore', divide='ignore'):
-      means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], np.nan)
-    out[name] = ClassMeans(means, counts)
-  return out
+  return embed
 
 
 def relation_graph(means: np.ndarray) -> np.ndarray:
@@ -189,7 +115,7 @@ def cluster(means: np.ndarray) -> np.ndarray:
   return hierarchy.linkage(means, method='average', metric='cosine')
 
 
-def relation_image(class_means_of_space: ClassMeans, class_names: Sequence[str],
+def relation_image(class_means_of_space: class_stats.ClassMeans, class_names: Sequence[str],
                    title: str = '') -> np.ndarray:
   """The relation-graph heatmap of the present classes as uint8 [1, H, W, 3] (TensorBoard)."""
   present = class_means_of_space.present
@@ -262,7 +188,7 @@ def parse_embedding(text: str) -> tuple[str, ...]:
                    'feature) or both.')
 
 
-def write_figures(out_dir: str | epath.Path, name: str, space: ClassMeans,
+def write_figures(out_dir: str | epath.Path, name: str, space: class_stats.ClassMeans,
                   class_names: Sequence[str], title: str) -> list[epath.Path]:
   """Heatmap, dendrogram (PNG and PDF) and the npz of one embedding space, in `out_dir`."""
   out_dir = epath.Path(out_dir)
@@ -294,7 +220,7 @@ def write_figures(out_dir: str | epath.Path, name: str, space: ClassMeans,
 
 def relations_of_run(run: workdir_lib.Run, builder, split: str,
                      embeddings: Sequence[str] = EMBEDDINGS, batch_size: int | None = None,
-                     mesh: jax.sharding.Mesh | None = None) -> dict[str, ClassMeans]:
+                     mesh: jax.sharding.Mesh | None = None) -> dict[str, class_stats.ClassMeans]:
   """Class means of each embedding space over the valid pixels of `split`, with the variables
   the trainer evaluates (the teacher of semi-supervised runs) and its evaluation batches."""
   from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -306,29 +232,32 @@ def relations_of_run(run: workdir_lib.Run, builder, split: str,
       builder, split=split, eval_size=tuple(config.eval_size), batch_size=batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   variables = run.eval_variables()
-  step = make_class_stats_step(config, run.model, mesh, embeddings)
-  totals = init_totals(config, run.model, variables,
-                       (batch_size, *tuple(config.eval_size), 3), embeddings, mesh)
-  return class_means(step, totals, variables, batches, mesh)
+  embed = embeddings_fn(run.model, embeddings)
+  num_classes = int(config.num_classes)
+  step = class_stats.make_stats_step(embed, num_classes, mesh)
+  totals = class_stats.zero_totals(embed, variables, (batch_size, *tuple(config.eval_size), 3),
+                                   num_classes, mesh)
+  return class_stats.class_means(step, totals, variables, batches, mesh)
 
 
 def relations_of_workdir(workdir: str, embeddings: Sequence[str] = EMBEDDINGS,
                          checkpoint: str | int = 'best', split: str | None = None,
                          data_dir: str | None = None, batch_size: int | None = None
-                         ) -> tuple[dict[str, ClassMeans], tuple[str, ...], workdir_lib.Run]:
+                         ) -> tuple[dict[str, class_stats.ClassMeans], tuple[str, ...],
+                                    workdir_lib.Run]:
   """Loads `checkpoint` of a workdir: (relations_of_run on `split`, class names, the run).
 
   split: default the trainer's evaluation split; data_dir replaces the config's.
   """
-  from reco_jax.data import base  # pylint: disable=g-import-not-at-top
+  from reco_jax import data as data_lib  # pylint: disable=g-import-not-at-top  (TensorFlow)
   embeddings = _check_embeddings(embeddings)
   mesh = parallel.make_mesh()
   run = workdir_lib.load_run(workdir, checkpoint, mesh=mesh,
                              overrides={'data_dir': data_dir} if data_dir else None)
-  builder = workdir_lib.dataset_builder(run.config)
-  split = workdir_lib.eval_split(builder, split)
+  builder = data_lib.prepare_for_config(run.config, flags='--')
+  split = data_lib.eval_split(builder, split)
   spaces = relations_of_run(run, builder, split, embeddings, batch_size, mesh)
-  return spaces, base.class_names(builder), run
+  return spaces, data_lib.base.class_names(builder), run
 
 
 def define_flags() -> None:

@@ -100,3 +100,15 @@ def final_stage_dir(workdir: str | epath.Path) -> epath.Path:
   if not index.exists():
     return workdir
   return workdir / json.loads(index.read_text())['final']
+
+
+def describe(stage: Stage) -> str:
+  """The stage in words, for the console."""
+  c = stage.config
+  if stage.kind == PRETRAIN:
+    return f'{c.pretrain}-image contrastive pretraining, {c.num_train_steps} steps,'
+  if stage.kind == PSEUDO_LABELS:
+    return f'pseudo-labels of the unlabelled images from {stage.pseudo_labels},'
+  extra = ' on labelled + pseudo-labelled images' if stage.pseudo_labels else ''
+  start = ' from the pretrained network' if stage.init_from else ''
+  return f'{c.method}{" + ReCo" * bool(c.reco)}{extra}{start}, {c.num_train_steps} steps,'

@@ -196,7 +196,7 @@ def create_train_state_from(config: ml_collections.ConfigDict, model: nn.Module,
       extras=extras,
   )
   method = config.get('method')
-  init_extras = getattr(methods.get(method), 'init_extras', None) if method else None
+  init_extras = methods.get(method).init_extras if method else None
   if init_extras is not None:
     state = state.replace(extras={**state.extras,
                                   **init_extras(config, jax.random.fold_in(key, 1), state)})

@@ -22,6 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from reco_jax import stages
+from reco_jax.models import deeplab
 from reco_jax import state as state_lib
 
 CONFIG_FILE = 'config.json'
@@ -29,7 +30,6 @@ CHECKPOINTS = 'checkpoints'
 BEST_CHECKPOINTS = 'checkpoints_best'
 BEST_METRIC = 'eval/miou'
 # The evaluation split is the first of these the dataset has (as in reco_jax.train).
-EVAL_SPLITS = ('validation', 'val', 'test')
 
 
 def _train_hint(workdir) -> str:
@@ -246,7 +246,6 @@ def load_run(workdir: str | epath.Path, checkpoint: str | int = 'best',
   overrides: config fields to replace before anything is built (e.g. {'data_dir': ...} when
   the dataset moved); unknown fields are an error.
   """
-  from reco_jax import train  # The model builder is the trainer's.
   workdir = stages.final_stage_dir(workdir)  # A run of several stages: its final model.
   config = read_config(workdir)
   for key, value in (overrides or {}).items():
@@ -255,44 +254,9 @@ def load_run(workdir: str | epath.Path, checkpoint: str | int = 'best',
                        f'field (fields: {", ".join(sorted(config))}).')
     config[key] = value
   directory, step = find_checkpoint(workdir, checkpoint)
-  model = train.build_model(config)
+  model = deeplab.model_from_config(config)
   state = restore_state(config, model, directory, step, mesh=mesh)
   return Run(workdir, config, model, state, step, directory)
-
-
-def dataset_builder(config: ml_collections.ConfigDict):
-  """The prepared TFDS builder of config.dataset (built from config.manual_dir if needed).
-
-  Raises:
-    FileNotFoundError: the dataset is neither prepared in config.data_dir nor buildable,
-      saying which flag points at it.
-  """
-  import tensorflow_datasets as tfds  # Heavy import only where the data is needed.
-  from reco_jax.data import base
-  try:
-    return base.prepare(config.dataset, config.data_dir or None, config.manual_dir or None)
-  except (AssertionError, FileNotFoundError, tfds.core.download.DownloadError,
-          tfds.core.registered.DatasetNotFoundError) as e:
-    raise FileNotFoundError(
-        f'The dataset of this run ({config.dataset!r}) is not prepared in '
-        f'{config.data_dir or "the TFDS default data dir ($TFDS_DATA_DIR)"}: {e}\nPass '
-        '--data_dir=DIR (the TFDS data dir that holds it) or --manual_dir=DIR (its raw '
-        'files, to build it).') from e
-
-
-def eval_split(builder, split: str | None = None) -> str:
-  """`split` if the dataset has it, else (split None) the trainer's evaluation split."""
-  splits = list(builder.info.splits)
-  if split:
-    if split not in splits:
-      raise ValueError(f'Dataset {builder.name!r} has no split {split!r}; its splits are '
-                       f'{splits}.')
-    return split
-  for name in EVAL_SPLITS:
-    if name in splits:
-      return name
-  raise ValueError(f'Dataset {builder.name!r} has none of the evaluation splits '
-                   f'{EVAL_SPLITS}; pass --split, one of {splits}.')
 
 
 def check_batch(batch_size: int, flag: str = '--eval_batch_size') -> int:

@@ -1,5 +1,4 @@
 """Shared test setup: several simulated CPU devices, set before any device use."""
-import contextlib
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -11,6 +10,7 @@ os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_llvm_disable_expensive_passes=true']).strip()
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -50,44 +50,36 @@ if os.environ.get('RECO_JAX_TOLERANCE_LOG'):
   _record_tolerance_ratios()
 
 
-@contextlib.contextmanager
-def persistent_compilation_cache(directory, min_compile_secs: float):
-  """A persistent XLA cache in `directory` while the context lasts, then none again.
-
-  Runs of the same step in one test module then compile once.
-  """
-  from jax._src import compilation_cache as cc
-  reset = getattr(cc, 'reset_cache', lambda: None)
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(directory))
-  jax.config.update(names[1], min_compile_secs)
-  jax.config.update(names[2], 0)
-  reset()  # An earlier compile in this process may have initialised it disabled.
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      jax.config.update(name, value)
-    reset()
+import helpers  # noqa: E402  (after the device and XLA settings above)
+from reco_jax import data as data_lib  # noqa: E402
+from reco_jax import parallel  # noqa: E402
 
 
-def sigterm_at_call(monkeypatch, call: int):
-  """Makes the process receive a real SIGTERM during its `call`-th training step."""
-  import signal  # pylint: disable=g-import-not-at-top
-  from reco_jax import steps  # pylint: disable=g-import-not-at-top
-  make_train_step = steps.make_train_step
-  calls = []
+@pytest.fixture(scope='session')
+def toy_data_dir(tmp_path_factory):
+  """TFDS dir holding the 48/12-image 'reco_toy/tiny' dataset."""
+  data_dir = tmp_path_factory.getbasetemp() / 'toy_tfds'
+  data_lib.prepare('reco_toy/tiny', str(data_dir))
+  return str(data_dir)
 
-  def make(*args, **kwargs):
-    step_fn = make_train_step(*args, **kwargs)
 
-    def step(state, batch, key):
-      calls.append(1)
-      if len(calls) == call:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step_fn(state, batch, key)
-    return step
+# The tiny DeepLabV3+ of the step tests (helpers.tiny_model) on one device.
+@pytest.fixture(scope='module')
+def mesh():
+  return parallel.make_mesh(jax.devices()[:1])
 
-  monkeypatch.setattr(steps, 'make_train_step', make)
+
+@pytest.fixture(scope='module')
+def model():
+  return helpers.shared_model_and_state()[0]
+
+
+@pytest.fixture(scope='module')
+def initial_state():
+  return helpers.shared_model_and_state()[1]
+
+
+@pytest.fixture
+def state(initial_state):  # pylint: disable=redefined-outer-name
+  # Steps donate their input state: hand each test its own buffers.
+  return jax.tree.map(jnp.copy, initial_state)

@@ -1,7 +1,7 @@
 """precision=bf16: bfloat16 convolutions; float32 state, losses, ReCo sampling, discriminator.
 
-Steps of the tiny DeepLabV3+ (ClassMix + ReCo as in test_steps.py, S4GAN + ReCo as in
-test_s4gan.py), the model built from the config as training builds it
+Steps of the tiny DeepLabV3+ (ClassMix + ReCo as in helpers.py, S4GAN + ReCo as in
+helpers.py), the model built from the config as training builds it
 (config.model.dtype = 'bfloat16').
 """
 import functools
@@ -15,11 +15,10 @@ import pytest
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import steps
-from reco_jax import train
 from reco_jax.losses import reco as reco_lib
 from reco_jax.methods import contrastive_pretraining
-import test_s4gan
-import test_steps
+from reco_jax.models import deeplab
+import helpers
 
 STATE_PARTS = ('params', 'batch_stats', 'opt_state', 'ema_params', 'ema_batch_stats')
 # Operations that must never see a bfloat16 operand: the softmaxes, log-softmaxes and
@@ -34,21 +33,21 @@ TINY_BF16_MODEL = dict(name='deeplabv3p', backbone='resnet_tiny', output_stride=
 def bf16_config(method='classmix'):
   """A tiny config of `method` (with ReCo) whose model computes in bfloat16."""
   if method == 's4gan':
-    config = test_s4gan.s4gan_config(reco=True)
+    config = helpers.s4gan_config(reco=True)
   else:
-    config = test_steps.tiny_config(method=method, reco=True)
+    config = helpers.tiny_config(method=method, reco=True)
   config.model = dict(TINY_BF16_MODEL)
   return config
 
 
 def make_batch(method='classmix'):
-  return test_s4gan.make_batch() if method == 's4gan' else test_steps.make_batch()
+  return helpers.s4gan_batch() if method == 's4gan' else helpers.make_batch()
 
 
 @functools.cache
 def model_and_state(method='classmix'):
   config = bf16_config(method)
-  model = train.build_model(config)
+  model = deeplab.model_from_config(config)
   mesh = parallel.make_mesh(jax.devices()[:1])
   size = make_batch(method)['labelled']['image'].shape[1]
   state = state_lib.create_train_state(config, model, jax.random.key(0), (size, size, 3),
@@ -146,9 +145,9 @@ def test_bf16_steps_train_with_float32_state_and_losses(monkeypatch):
   key = jax.random.key(2)
   init = jax.tree.map(np.asarray, state)
   step = steps.make_train_step(config, model, mesh)
-  state, history = test_steps.run_steps(step, state, batch, key, 6)
+  state, history = helpers.run_steps(step, state, batch, key, 6)
   assert seen and all(s == (jnp.float32, jnp.float32) for s in seen), seen
-  test_steps.check_training(config, init, state, history)
+  helpers.check_training(config, init, state, history)
   for part in STATE_PARTS:
     assert float32_leaves(getattr(state, part)), part
   sup = [m['sup_loss'] for m in history]
@@ -175,7 +174,7 @@ def test_pretraining_head_computes_in_the_segmenters_dtype_and_returns_float32()
   config = bf16_config()
   config.update(dict(crop_size=(33, 33), projection_dims=(8, 4), embedding_stride=8))
   network = contrastive_pretraining.build_network(
-      config, train.build_model(config, features_only=True))
+      config, deeplab.model_from_config(config, features_only=True))
   images = jax.ShapeDtypeStruct((2, 33, 33, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(network.init, train=False), jax.random.key(0),
                              images)

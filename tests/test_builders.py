@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import reco_jax.data  # registers the builders
+from reco_jax import data as data_lib
 from reco_jax.data import base
 from reco_jax.data import cityscapes
 from reco_jax.data import raw_io
@@ -20,7 +21,7 @@ CITYSCAPES_TABLE = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8,
 
 
 def _build(name: str, data_dir: pathlib.Path, manual_dir: pathlib.Path):
-  return base.prepare(name, str(data_dir), str(manual_dir))
+  return data_lib.prepare(name, str(data_dir), str(manual_dir))
 
 
 def _read(builder, split: str) -> dict[str, dict]:

@@ -7,7 +7,9 @@ from configs import common
 from configs import sun
 from configs import toy
 from configs import voc
-from reco_jax import train
+from reco_jax import config_checks
+from reco_jax import inputs
+from reco_jax.models import deeplab
 
 SCHEMA_FIELDS = set(common.base_config().keys())
 
@@ -54,9 +56,9 @@ def test_supervised_reads_twice_the_labelled_batch_however_the_method_is_set():
     by_override = module.get_config()
     by_override.method = 'supervised'  # what --config.method=supervised does
     assert by_argument.to_dict() == by_override.to_dict()
-    assert train.branch_batches(by_argument) == (2 * batch, 0)
+    assert inputs.branch_batches(by_argument) == (2 * batch, 0)
     for method in ('cutout', 'cutmix', 'classmix'):
-      assert train.branch_batches(module.get_config(f'method={method}')) == (batch, batch)
+      assert inputs.branch_batches(module.get_config(f'method={method}')) == (batch, batch)
 
 
 def test_misspelt_key_lists_valid_keys():
@@ -105,13 +107,13 @@ def test_zhaos_label_counts_are_accepted():
     # runlocal: batches that split over the tests' 4 devices (and no cap on labels).
     small = module.get_config(f'labels={labels},method=pseudo_label,pretrain=within,runlocal')
     assert (small.labels, small.subset) == (labels, 'uniform')
-    train.validate_config(small)
+    config_checks.validate_config(small)
   with pytest.raises(ValueError, match='expected one of class_balanced, uniform'):
     voc.get_config('subset=random')
   bad = voc.get_config()
   bad.subset = 'random'
   with pytest.raises(ValueError, match='config.subset'):
-    train.validate_config(bad)
+    config_checks.validate_config(bad)
 
 
 def test_precision_sets_the_models_compute_dtype_only():
@@ -120,14 +122,14 @@ def test_precision_sets_the_models_compute_dtype_only():
     assert (fp32.model.dtype, bf16.model.dtype) == ('float32', 'bfloat16')
     fp32.unlock().model.dtype = 'bfloat16'
     assert fp32.to_dict() == bf16.to_dict()  # Nothing else changes.
-    assert train.build_model(bf16).dtype == jnp.bfloat16
+    assert deeplab.model_from_config(bf16).dtype == jnp.bfloat16
   with pytest.raises(ValueError, match='expected one of fp32, bf16'):
     voc.get_config('precision=fp16')
   good = toy.get_config('precision=bf16,runlocal')
-  train.validate_config(good)
+  config_checks.validate_config(good)
   good.model.dtype = 'float16'
   with pytest.raises(ValueError, match=r'config.model.dtype.*precision=fp32\|bf16'):
-    train.validate_config(good)
+    config_checks.validate_config(good)
 
 
 def test_partial_uses_every_image():

@@ -9,6 +9,7 @@ import fake_raw
 from configs import folder as folder_config
 from reco_jax import own_data
 from reco_jax import train
+from reco_jax import data as data_lib
 from reco_jax.data import base
 from reco_jax.data import splits
 
@@ -65,7 +66,7 @@ def test_config_trains_a_few_steps_on_a_generated_folder(tmp_path, tfds_home):
 
 def _build_fails(raw, tmp_path, match):
   with pytest.raises(ValueError, match=match):
-    base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+    data_lib.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
 
 
 def test_label_id_outside_classes_names_the_file(tmp_path):
@@ -87,7 +88,7 @@ def test_image_without_label_names_the_file(tmp_path):
   fake_raw.make_folder(raw)
   (raw / 'labels' / 'c.png').unlink()
   with pytest.raises(FileNotFoundError, match=r'labels/c\.png'):
-    base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+    data_lib.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
 
 
 # --------------------------------------------------------------------------- checked whole
@@ -98,7 +99,7 @@ def test_validation_images_in_train_txt_are_an_error_naming_them(tmp_path):
   fake_raw.make_folder(raw)
   fake_raw.write_lines(raw / 'val.txt', ('e', 'b'))  # b is a training image
   for check in (lambda: folder_config.get_config(f'data={raw}'),
-                lambda: base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))):
+                lambda: data_lib.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))):
     with pytest.raises(ValueError, match=r"val\.txt lists 1 image.*train\.txt.*\['b'\]"):
       check()
 
@@ -118,7 +119,7 @@ def test_lists_with_a_byte_order_mark_read_as_without(tmp_path, tfds_home):
     (raw / name).write_bytes(b'\xef\xbb\xbf' + text.encode())
   c = folder_config.get_config(f'data={raw},labels=2')
   assert c.num_classes == 3
-  builder = base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+  builder = data_lib.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
   assert base.class_names(builder) == ('sky', 'road', 'car')
   assert builder.info.splits['train'].num_examples == 4
 
@@ -140,7 +141,7 @@ def test_exif_rotated_images_are_turned_upright(tmp_path):
   exif[0x0112] = 6
   Image.fromarray(np.rot90(upright)).save(raw / 'images' / 'a.jpg', exif=exif, quality=100)
   assert own_data.image_sizes(raw, 'train')[0] == (40, 60)
-  builder = base.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
+  builder = data_lib.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))
   [example] = [ex for ex in tfds.as_numpy(builder.as_dataset(split='train'))
                if ex['image_id'] == b'a']
   assert example['image'].shape == (40, 60, 3)
@@ -162,18 +163,18 @@ def test_a_folder_edited_after_its_build_is_built_again(tmp_path, capsys):
   raw = tmp_path / 'raw'
   fake_raw.make_folder(raw)
   data_dir = str(tmp_path / 'tfds')
-  first = base.prepare('reco_folder', data_dir, str(raw))
+  first = data_lib.prepare('reco_folder', data_dir, str(raw))
   assert base.class_names(first) == ('sky', 'road', 'car')
-  base.prepare('reco_folder', data_dir, str(raw))  # unchanged: reused, nothing said
+  data_lib.prepare('reco_folder', data_dir, str(raw))  # unchanged: reused, nothing said
   assert 'building it again' not in capsys.readouterr().out
   fake_raw.write_lines(raw / 'classes.txt', ('sky', 'road', 'vehicle'))  # a class renamed
-  second = base.prepare('reco_folder', data_dir, str(raw))
+  second = data_lib.prepare('reco_folder', data_dir, str(raw))
   assert 'has changed since it was built' in capsys.readouterr().out
   assert base.class_names(second) == ('sky', 'road', 'vehicle')
   # A label redrawn: the example's label follows the file.
   label = np.zeros((40, 60), np.uint8)
   fake_raw.save_png(raw / 'labels' / 'a.png', label)
-  third = base.prepare('reco_folder', data_dir, str(raw))
+  third = data_lib.prepare('reco_folder', data_dir, str(raw))
   assert 'has changed since it was built' in capsys.readouterr().out
   [example] = [ex for ex in tfds.as_numpy(third.as_dataset(split='train'))
                if ex['image_id'] == b'a']

@@ -85,7 +85,7 @@ def golden_config(method, reco, partial, recompute):
       s4gan_threshold=0.4,
       # UniMatch's threshold as low, for the same reason.
       unimatch_threshold=0.4))
-  overrides = getattr(methods.get(method), 'config_overrides', None)
+  overrides = methods.get(method).config_overrides
   if overrides:  # The method's own optimiser (UniMatch's, with a 10x head as on VOC).
     config.optimizer.update(overrides(common.base_config())['optimizer'])
   return config
@@ -134,7 +134,7 @@ def run_case(model, initial, case):
   *switches, devices = case
   config = golden_config(*switches)
   mesh = parallel.make_mesh(jax.devices()[:devices])
-  init_extras = getattr(methods.get(config.method), 'init_extras', None)
+  init_extras = methods.get(config.method).init_extras
   if init_extras is not None:  # e.g. S4GAN's discriminator, beside the shared student
     initial = initial.replace(extras=jax.tree.map(np.asarray, init_extras(
         config, jax.random.fold_in(jax.random.key(0), 1), initial)))
@@ -142,7 +142,7 @@ def run_case(model, initial, case):
   tx = state_lib.make_optimizer(config)  # A fresh optimiser state: the method's may differ.
   state = state.replace(tx=tx, opt_state=tx.init(state.params))
   batch = parallel.shard_batch(mesh, golden_batch(
-      bool(case[2]), case[0] == 'supervised', methods.get(config.method).BRANCHES[1]))
+      bool(case[2]), case[0] == 'supervised', methods.get(config.method).branches[1]))
   key = jax.random.key(7)
   step = steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
   history = []

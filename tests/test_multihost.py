@@ -9,7 +9,7 @@ import sys
 import pytest
 import tensorflow as tf
 
-from reco_jax.data import base
+from reco_jax import data as data_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def _free_port() -> int:
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
   path = tmp_path_factory.getbasetemp() / 'toy_tfds'  # shared with the other training tests
-  base.prepare('reco_toy/tiny', str(path))
+  data_lib.prepare('reco_toy/tiny', str(path))
   return str(path)
 
 

@@ -17,13 +17,11 @@ import pytest
 
 from reco_jax import parallel
 from reco_jax import steps
+from reco_jax.losses import reco as reco_lib
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
-from reco_jax.losses import reco as reco_lib
 from reco_jax.models import resize
-# The fixtures `model` and `initial_state` are shared with the step tests.
-from test_steps import (BATCH, compile_step, initial_state, make_batch,  # noqa: F401
-                        model, tiny_config)
+from helpers import BATCH, compile_step, make_batch, tiny_config
 import tolerances
 
 WRONG_REDUCTION = os.environ.get('RECO_JAX_WRONG_REDUCTION', '')

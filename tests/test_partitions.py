@@ -5,8 +5,9 @@ import pytest
 
 from configs import cityscapes
 from configs import voc
+from reco_jax import config_checks
+from reco_jax import inputs
 from reco_jax import names
-from reco_jax import train
 from reco_jax.data import raw_io
 from reco_jax.data import splits
 
@@ -15,7 +16,7 @@ def test_pseudoseg_pool_is_vocs_1464_train_images_within_train_aug():
   pool = raw_io.shipped_ids(names.LABELLED_POOLS['pseudoseg'])
   assert len(pool) == len(set(pool)) == 1464
   assert set(pool) <= set(raw_io.shipped_ids('voc_train_aug.txt'))
-  assert train._labelled_pool('pseudoseg') == pool and train._labelled_pool('') is None
+  assert inputs.labelled_pool('pseudoseg') == pool and inputs.labelled_pool('') is None
 
 
 def test_voc_config_takes_the_partition_and_the_fraction():
@@ -28,7 +29,7 @@ def test_voc_config_takes_the_partition_and_the_fraction():
     voc.get_config('split=coco')
   bad = voc.get_config('unlabelled_fraction=1.5')
   with pytest.raises(ValueError, match='unlabelled_fraction'):
-    train.validate_config(bad)
+    config_checks.validate_config(bad)
 
 
 def test_seeded_fraction_is_a_deterministic_subset():

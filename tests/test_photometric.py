@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from reco_jax import photometric
-from reco_jax.data import pipeline
+from reco_jax.data import image_ops
 from reco_jax.semi import augment
 
 
@@ -29,7 +29,7 @@ def test_colour_jitter_agrees_on_the_same_draws(order):
   image = _image(1)
   factors = dict(brightness=1.2, contrast=0.8, saturation=1.22, hue=0.17)
   ours = jax.jit(augment.color_jitter)(image, np.asarray(order), *factors.values())
-  theirs = pipeline.colour_jitter_with(tf.constant(image), tf.constant(order),
+  theirs = image_ops.colour_jitter_with(tf.constant(image), tf.constant(order),
                                        *factors.values())
   np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=2e-5)
 
@@ -41,7 +41,7 @@ def test_colour_jitter_contrast_and_saturation_use_the_shared_grey():
     args = [1.0, 1.0, 1.0, 0.0]
     args[op] = factor  # contrast or saturation
     ours = np.asarray(jax.jit(augment.color_jitter)(image, order, *args))
-    theirs = pipeline.colour_jitter_with(tf.constant(image), tf.constant(order), *args).numpy()
+    theirs = image_ops.colour_jitter_with(tf.constant(image), tf.constant(order), *args).numpy()
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
     # A grey image that no longer matched would move the result measurably.
     assert np.abs(ours - image).max() > 1e-3
@@ -51,7 +51,7 @@ def test_colour_jitter_contrast_and_saturation_use_the_shared_grey():
 def test_gaussian_blur_agrees_including_the_border(sigma):
   image = _image(3)
   ours = np.asarray(jax.jit(augment.gaussian_blur)(image, sigma))
-  theirs = pipeline.gaussian_blur(tf.constant(image), tf.constant(sigma, tf.float32)).numpy()
+  theirs = image_ops.gaussian_blur(tf.constant(image), tf.constant(sigma, tf.float32)).numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-6)
   # Both extend the border symmetrically (edge pixel repeated), as a numpy blur does.
   radius = photometric.BLUR_RADIUS

@@ -5,7 +5,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from reco_jax import normalization
+from reco_jax.data import image_ops
 from reco_jax.data import pipeline
+from reco_jax.data import splits
 from reco_jax.data import toy
 
 NUM_CLASSES = toy.NUM_CLASSES
@@ -18,12 +20,17 @@ def builder(tmp_path_factory):
   return b
 
 
+_STREAM_ARGS = ('process_index', 'process_count', 'start_batch', 'pseudo_labels')
+
+
 def _train(builder, **overrides):
   kw = dict(num_labels=10, min_classes=2, num_classes=NUM_CLASSES, partial='',
             crop_size=(40, 48), scale_range=(0.5, 1.5), labelled_batch=4, unlabelled_batch=2,
             seed=0)
   kw.update(overrides)
-  return pipeline.train_iterators(builder, **kw)
+  data = pipeline.TrainData(**{k: v for k, v in kw.items() if k not in _STREAM_ARGS})
+  return pipeline.train_iterators(builder, data,
+                                  **{k: v for k, v in kw.items() if k in _STREAM_ARGS})
 
 
 def test_train_batches_shapes_and_dtypes(builder):
@@ -67,7 +74,7 @@ def test_augmentation_keeps_image_and_label_aligned():
   image, label, palette = _palette_scene()
   flips = set()
   for s in range(16):
-    out_image, out_label = pipeline.augment_labelled(
+    out_image, out_label = image_ops.augment_labelled(
         tf.constant(image), tf.constant(label[..., None]), tf.constant([s, 1], tf.int64),
         crop_size=(32, 32), scale_range=(0.5, 1.5), photometric=False)
     out_image, out_label = out_image.numpy(), out_label.numpy()
@@ -92,7 +99,7 @@ def test_augmentation_keeps_image_and_label_aligned():
 def test_reflect_padding_beyond_the_image_size():
   image = np.arange(3 * 2 * 3, dtype=np.float32).reshape(3, 2, 3)
   label = np.arange(6, dtype=np.uint8).reshape(3, 2, 1)
-  out_image, out_label = pipeline.pad_to_size(tf.constant(image), tf.constant(label), 10, 9)
+  out_image, out_label = image_ops.pad_to_size(tf.constant(image), tf.constant(label), 10, 9)
   np.testing.assert_array_equal(out_image.numpy(),
                                 np.pad(image, ((0, 7), (0, 7), (0, 0)), mode='reflect'))
   expected = np.full((10, 9, 1), 255, np.uint8)
@@ -107,8 +114,8 @@ def test_colour_jitter_is_multiplicative_and_grey_preserving():
   grey = tf.fill([8, 8, 3], 0.4)
   for s in range(8):
     seed = tf.constant([s, 0], tf.int64)
-    np.testing.assert_allclose(pipeline.colour_jitter(black, seed).numpy(), 0, atol=1e-6)
-    out = pipeline.colour_jitter(grey, seed).numpy()
+    np.testing.assert_allclose(image_ops.colour_jitter(black, seed).numpy(), 0, atol=1e-6)
+    out = image_ops.colour_jitter(grey, seed).numpy()
     assert np.ptp(out) < 1e-5  # contrast/saturation/hue leave a uniform grey image uniform grey
     assert 0.4 * 0.75 - 1e-5 <= out[0, 0, 0] <= 0.4 * 1.25 + 1e-5
 
@@ -117,7 +124,7 @@ def test_gaussian_blur_of_an_impulse_is_the_gaussian():
   image = np.zeros((15, 15, 3), np.float32)
   image[7, 7] = 1.0
   sigma = 0.9
-  out = pipeline.gaussian_blur(tf.constant(image), tf.constant(sigma)).numpy()
+  out = image_ops.gaussian_blur(tf.constant(image), tf.constant(sigma)).numpy()
   x = np.arange(-4, 5)
   k = np.exp(-0.5 * (x / sigma) ** 2)
   k /= k.sum()
@@ -256,7 +263,6 @@ def test_labelled_subset_is_drawn_from_the_pool(builder):
 
 
 def test_uniform_subset_is_the_seeded_uniform_draw(builder):
-  from reco_jax.data import splits  # pylint: disable=g-import-not-at-top
   ids, classes = pipeline.train_ids_and_classes(builder)
   drawn = {}
   for seed in (0, 1):
@@ -267,23 +273,23 @@ def test_uniform_subset_is_the_seeded_uniform_draw(builder):
   assert drawn[0] != drawn[1]
   # A min_classes that no image meets: the class-balanced rule fails, uniform never looks.
   with pytest.raises(ValueError, match='with at least 99 classes'):
-    pipeline.labelled_subset(ids, classes, 6, min_classes=99, num_classes=NUM_CLASSES, seed=0)
-  assert pipeline.labelled_subset(ids, classes, 6, min_classes=99, num_classes=NUM_CLASSES,
+    splits.labelled_subset(ids, classes, 6, min_classes=99, num_classes=NUM_CLASSES, seed=0)
+  assert splits.labelled_subset(ids, classes, 6, min_classes=99, num_classes=NUM_CLASSES,
                                   seed=0, subset='uniform') == drawn[0]
   with pytest.raises(ValueError, match="subset='random'"):
-    pipeline.labelled_subset(ids, classes, 6, min_classes=2, num_classes=NUM_CLASSES, seed=0,
+    splits.labelled_subset(ids, classes, 6, min_classes=2, num_classes=NUM_CLASSES, seed=0,
                              subset='random')
 
 
 def test_a_fraction_of_the_unlabelled_images_feeds_the_unlabelled_stream(builder):
   ids = [f'i{n}' for n in range(40)]
   labelled = ids[:8]
-  assert pipeline.unlabelled_selection(ids, labelled, 1.0, 0) == (labelled, False, 32)
-  half, keep, count = pipeline.unlabelled_selection(ids, labelled, 0.5, 0)
+  assert splits.unlabelled_selection(ids, labelled, 1.0, 0) == (labelled, False, 32)
+  half, keep, count = splits.unlabelled_selection(ids, labelled, 0.5, 0)
   assert keep and count == len(half) == 16 and not set(half) & set(labelled)
   # Every image labelled: the unlabelled stream reads (a fraction of) all of them.
-  assert pipeline.unlabelled_selection(ids, ids, 1.0, 0) == (ids, True, 40)
-  assert pipeline.unlabelled_selection(ids, ids, 0.25, 0)[2] == 10
+  assert splits.unlabelled_selection(ids, ids, 1.0, 0) == (ids, True, 40)
+  assert splits.unlabelled_selection(ids, ids, 0.25, 0)[2] == 10
   _, unlabelled, _ = _train(builder, num_labels=4, unlabelled_fraction=0.5)
   assert next(unlabelled)['image'].shape == (2, 40, 48, 3)
   with pytest.raises(ValueError, match='unlabelled_fraction'):
@@ -299,7 +305,7 @@ def test_colour_jitter_shifts_hue_within_hue_jitter():
   for s in range(16):
     seed = tf.constant([s, 1], tf.int64)
     for limit in shifts:
-      h = hue(pipeline.colour_jitter(red, seed, limit))
+      h = hue(image_ops.colour_jitter(red, seed, limit))
       shifts[limit].append(min(h, 1 - h))  # distance from red's hue 0 around the wheel
   assert max(shifts[0.0]) < 1e-3
   assert 0.02 < max(shifts[0.1]) <= 0.11

@@ -10,9 +10,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-import conftest
 from configs import toy
+from reco_jax import class_stats
+from reco_jax import config_checks
+from reco_jax import data as data_lib
 from reco_jax import inference
+from reco_jax import methods
 from reco_jax import normalization
 from reco_jax import parallel
 from reco_jax import pseudo_labels
@@ -22,19 +25,20 @@ from reco_jax import state as state_lib
 from reco_jax import steps
 from reco_jax import train
 from reco_jax import workdir as workdir_lib
-from reco_jax.data import base
 from reco_jax.data import pipeline
+from reco_jax.data import splits
 from reco_jax.losses import pixel_contrast
 from reco_jax.methods import contrastive_pretraining as cp
-from test_train import event_tags, host, tiny_config  # pylint: disable=unused-import
-from test_train import toy_data_dir  # noqa: F401  pylint: disable=unused-import
+from reco_jax.models import deeplab
+import helpers
+from helpers import event_tags, host, toy_run_config
 
 STEPS = 4
 
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
-  with conftest.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
     yield
 
 
@@ -57,7 +61,7 @@ def _batch(config, rng):
 def test_pretraining_step_loss_is_the_standalone_loss(mode):
   config = stages.pretraining_config(_pretrain_config(mode))
   stage = stages.Stage('pretrain', stages.PRETRAIN, config)
-  network, method = train.stage_model(stage)
+  network, method = methods.stage_model(stage)
   mesh = parallel.make_mesh()
   state = state_lib.create_train_state(config, network, jax.random.key(1),
                                        (*config.crop_size, 3), mesh=mesh)
@@ -111,7 +115,9 @@ def test_embedding_probe_is_the_mean_pairwise_cosine():
   labels = rng.integers(0, 3, size=30)
   sums = np.stack([f[labels == c].sum(0) for c in range(4)])  # class 3 absent
   counts = np.bincount(labels, minlength=4)
-  probe = cp.embedding_probe(sums, counts)
+  with np.errstate(invalid='ignore'):
+    means = sums / counts[:, None]
+  probe = class_stats.embedding_probe(class_stats.ClassMeans(means, counts))
   cos = f @ f.T
   within = np.mean([cos[np.ix_(labels == c, labels == c)].mean() for c in range(3)])
   between = np.mean([cos[np.ix_(labels == c, labels == d)].mean()
@@ -143,9 +149,9 @@ def test_stage_plans():
 
 
 @pytest.fixture(scope='module')
-def staged_run(toy_data_dir, tmp_path_factory):  # noqa: F811
+def staged_run(toy_data_dir, tmp_path_factory):
   """An uninterrupted supervised run with within-image pretraining: (config, workdir, state)."""
-  config = tiny_config(toy_data_dir, method='supervised', reco=False, pretrain='within',
+  config = toy_run_config(toy_data_dir, method='supervised', reco=False, pretrain='within',
                        pretrain_steps=STEPS, num_image_summaries=0)
   workdir = tmp_path_factory.mktemp('staged')
   state = train.train_and_evaluate(config, str(workdir))
@@ -169,9 +175,9 @@ def test_staged_run_folders_events_and_finetuning_start(staged_run):
   # The fine-tuning stage starts from every pretrained layer, exactly, with a fresh final
   # classifier layer and representation head, and no projection head.
   plan = stages.plan(config)
-  model, _ = train.stage_model(plan[1])
+  model, _ = methods.stage_model(plan[1])
   start = train.initial_state(plan[1], workdir, model, parallel.make_mesh())
-  network, _ = train.stage_model(plan[0])
+  network, _ = methods.stage_model(plan[0])
   pretrained = workdir_lib.restore_state(plan[0].config, network,
                                          workdir / 'pretrain' / 'checkpoints', STEPS)
   ours, theirs = host(start.params), host(pretrained.params['segmenter'])
@@ -215,7 +221,7 @@ def test_sigterm_in_a_staged_run_resumes_to_the_same_parameters(staged_run, tmp_
   from reco_jax import preemption  # pylint: disable=g-import-not-at-top
   config, _, state = staged_run
   workdir = tmp_path / 'preempted'
-  conftest.sigterm_at_call(monkeypatch, STEPS + 3)  # the fine-tuning stage's step 3
+  helpers.sigterm_at_call(monkeypatch, STEPS + 3)  # the fine-tuning stage's step 3
   with pytest.raises(preemption.Preempted, match='stopped at step 3 after saving'):
     train.train_and_evaluate(config, str(workdir))
   monkeypatch.undo()
@@ -243,10 +249,10 @@ def test_killed_staged_run_resumes_to_the_same_parameters(staged_run, tmp_path, 
   _assert_same(state, resumed)
 
 
-def test_pseudo_labels_are_the_models_predictions(toy_data_dir, tmp_path):  # noqa: F811
-  config = tiny_config(toy_data_dir, method='supervised', pseudo_label_threshold=0.15)
-  builder = base.prepare(config.dataset, config.data_dir)
-  model = train.build_model(config)
+def test_pseudo_labels_are_the_models_predictions(toy_data_dir, tmp_path):
+  config = toy_run_config(toy_data_dir, method='supervised', pseudo_label_threshold=0.15)
+  builder = data_lib.prepare(config.dataset, config.data_dir)
+  model = deeplab.model_from_config(config)
   state = state_lib.create_train_state(config, model, jax.random.key(3), (*config.crop_size, 3))
   variables = state.student_variables()
   ids = pipeline.train_ids_and_classes(builder)[0][:6]
@@ -269,12 +275,12 @@ def test_pseudo_labels_are_the_models_predictions(toy_data_dir, tmp_path):  # no
     np.testing.assert_array_equal(label, expected[:image.shape[0], :image.shape[1]])
 
 
-def test_pseudo_labels_on_four_devices_are_those_of_one(toy_data_dir, tmp_path,  # noqa: F811
+def test_pseudo_labels_on_four_devices_are_those_of_one(toy_data_dir, tmp_path,
                                                         monkeypatch):
   # The untrained model's confidences are 0.119-0.138: about half the pixels become void.
-  config = tiny_config(toy_data_dir, method='supervised', pseudo_label_threshold=0.124)
-  builder = base.prepare(config.dataset, config.data_dir)
-  model = train.build_model(config)
+  config = toy_run_config(toy_data_dir, method='supervised', pseudo_label_threshold=0.124)
+  builder = data_lib.prepare(config.dataset, config.data_dir)
+  model = deeplab.model_from_config(config)
   mesh = parallel.make_mesh()
   state = state_lib.create_train_state(config, model, jax.random.key(3), (*config.crop_size, 3),
                                        mesh=mesh)
@@ -304,28 +310,27 @@ def test_pseudo_labels_on_four_devices_are_those_of_one(toy_data_dir, tmp_path, 
                         source='test', devices=[types.SimpleNamespace(process_index=1)])
 
 
-def test_training_stream_reads_pseudo_labels_in_place_of_labels(toy_data_dir):  # noqa: F811
-  builder = base.prepare('reco_toy/tiny', toy_data_dir)
+def test_training_stream_reads_pseudo_labels_in_place_of_labels(toy_data_dir):
+  builder = data_lib.prepare('reco_toy/tiny', toy_data_dir)
   ids, classes = pipeline.train_ids_and_classes(builder)
-  labelled = pipeline.labelled_subset(ids, classes, 2, min_classes=1, num_classes=9, seed=0)
+  labelled = splits.labelled_subset(ids, classes, 2, min_classes=1, num_classes=9, seed=0)
   import tensorflow as tf
   sizes = {i: image.shape[:2] for i, image in pipeline.decoded_images(builder, ids)}
   pseudo = {i: tf.io.encode_png(np.full((*sizes[i], 1), 7, np.uint8)).numpy()
             for i in ids if i not in labelled}
-  stream, _, labelled_ids = pipeline.train_iterators(
-      builder, num_labels=2, min_classes=1, num_classes=9, partial='', crop_size=(32, 32),
-      scale_range=(1.0, 1.0), labelled_batch=16, unlabelled_batch=0, seed=0,
-      pseudo_labels=pseudo)
+  data = pipeline.TrainData(num_labels=2, min_classes=1, num_classes=9, partial='',
+                            crop_size=(32, 32), scale_range=(1.0, 1.0), labelled_batch=16,
+                            unlabelled_batch=0, seed=0)
+  stream, _, labelled_ids = pipeline.train_iterators(builder, data, pseudo_labels=pseudo)
   assert labelled_ids == labelled
   labels = next(stream)['label']
   pseudo_images = [np.all((x == 7) | (x == 255)) for x in labels]
   # 46 of the 48 images carry the constant pseudo-label, the 2 labelled ones their own.
-  assert sum(pseudo_images) >= 10 and not all(np.all(x == 7) for x in labels[~np.array(pseudo_images)])
+  own = labels[~np.array(pseudo_images)]
+  assert sum(pseudo_images) >= 10 and not all(np.all(x == 7) for x in own)
   with pytest.raises(ValueError, match='outside the labelled subset'):
-    pipeline.train_iterators(
-        builder, num_labels=2, min_classes=1, num_classes=9, partial='', crop_size=(32, 32),
-        scale_range=(1.0, 1.0), labelled_batch=16, unlabelled_batch=0, seed=0,
-        pseudo_labels={labelled[0]: pseudo[next(iter(pseudo))]})
+    pipeline.train_iterators(builder, data,
+                             pseudo_labels={labelled[0]: pseudo[next(iter(pseudo))]})
 
 
 @pytest.mark.parametrize('arg, match', [
@@ -335,7 +340,7 @@ def test_training_stream_reads_pseudo_labels_in_place_of_labels(toy_data_dir):  
 ])
 def test_unsupported_combinations_are_clear_errors(arg, match):
   with pytest.raises(ValueError, match=match):
-    train.validate_config(toy.get_config(arg))
+    config_checks.validate_config(toy.get_config(arg))
 
 
 def test_unknown_pretraining_mode_is_a_clear_error():

@@ -12,12 +12,12 @@ import pytest
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import workdir as workdir_lib
-from reco_jax.methods import common
 from reco_jax.losses import reco
 from reco_jax.losses import reco_bank
 from reco_jax.losses import reco_recipe
-from test_steps import NUM_CLASSES, SIZE, make_batch, tiny_model
-import test_steps
+from reco_jax.methods import common
+import helpers
+from helpers import NUM_CLASSES, SIZE, make_batch, tiny_model
 
 TAU = 0.5
 BANK_SLOTS = 40  # The loss tests' banks: [4 classes, 40, 8] (one compilation for all).
@@ -128,11 +128,11 @@ def _loss_fn(with_bank, **kwargs):
   opts = {**LOSS, **kwargs}
   if with_bank:
     return jax.jit(jax.value_and_grad(
-        lambda rep, key, labels, valid, prob, bank: reco._reco(
+        lambda rep, key, labels, valid, prob, bank: helpers.reco_with_samples(
             key, rep, labels, valid, prob, bank=bank, return_samples=True, **opts),
         has_aux=True))
   return jax.jit(jax.value_and_grad(
-      lambda rep, key, labels, valid, prob: reco._reco(key, rep, labels, valid, prob,
+      lambda rep, key, labels, valid, prob: helpers.reco_with_samples(key, rep, labels, valid, prob,
                                                        return_samples=True, **opts),
       has_aux=True))
 
@@ -209,7 +209,7 @@ def test_bank_supplies_prototype_and_negatives_a_one_class_batch_lacks():
 @functools.cache
 def _model_and_initial_state():
   """The tiny model and its initial state with an empty bank of 12 slots (one init)."""
-  config = test_steps.tiny_config(reco=True, reco_bank_size=12)
+  config = helpers.tiny_config(reco=True, reco_bank_size=12)
   model = tiny_model()
   return model, state_lib.create_train_state(config, model, jax.random.key(0), (SIZE, SIZE, 3))
 
@@ -263,7 +263,7 @@ def test_bank_updates_are_the_same_on_one_and_four_devices():
 
 def test_supervised_step_on_four_devices_writes_the_steps_representations_to_the_bank():
   """create_train_state makes the bank; the step enqueues its keys into state.extras."""
-  config = test_steps.tiny_config(method='supervised', reco=True, reco_bank_size=12,
+  config = helpers.tiny_config(method='supervised', reco=True, reco_bank_size=12,
                                   reco_bank_writes=5)
   model, initial = _model_and_initial_state()
   empty = jax.tree.map(np.asarray, initial.extras[reco_bank.NAME])
@@ -275,7 +275,7 @@ def test_supervised_step_on_four_devices_writes_the_steps_representations_to_the
   mesh = parallel.make_mesh(jax.devices()[:4])
   state = jax.device_put(jax.tree.map(jnp.copy, initial), parallel.replicated(mesh))
   batch = parallel.shard_batch(mesh, np_batch)
-  step = test_steps.compile_step(config, model, mesh, state, batch, key)
+  step = helpers.compile_step(config, model, mesh, state, batch, key)
   banks = []
   for _ in range(3):
     state, metrics = step(state, batch, key)
@@ -330,14 +330,14 @@ def test_bad_bank_settings_are_rejected():
 
 def test_resumed_mean_teacher_run_with_bank_matches_uninterrupted_run(tmp_path):
   """ClassMix + ReCo with a bank: saved at step 2, restored as train.py does, continued."""
-  config = test_steps.tiny_config(method='classmix', reco=True, reco_bank_size=12,
+  config = helpers.tiny_config(method='classmix', reco=True, reco_bank_size=12,
                                   reco_bank_writes=5)
   model, initial = _model_and_initial_state()
   mesh = parallel.make_mesh(jax.devices()[:1])
   initial = jax.device_put(initial, parallel.replicated(mesh))
   batches = [parallel.shard_batch(mesh, make_batch(seed=i)) for i in range(4)]
   key = jax.random.key(9)
-  step = test_steps.compile_step(config, model, mesh, initial, batches[0], key)
+  step = helpers.compile_step(config, model, mesh, initial, batches[0], key)
   copy = lambda state: jax.tree.map(jnp.copy, state)
 
   full = copy(initial)

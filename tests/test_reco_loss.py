@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from reco_jax.losses import reco
 
 TAU = 0.5
@@ -23,7 +24,7 @@ def _run_fn(**kwargs):
   """Jitted ((loss, sampled indices), d loss / d rep) of the implementation."""
   opts = {**_DEFAULTS, **kwargs}
   return jax.jit(jax.value_and_grad(
-      lambda rep, key, labels, valid, prob: reco._reco(key, rep, labels, valid, prob,
+      lambda rep, key, labels, valid, prob: helpers.reco_with_samples(key, rep, labels, valid, prob,
                                                        return_samples=True, **opts),
       has_aux=True))
 
@@ -37,7 +38,7 @@ def _run(key, rep, labels, valid, prob, **kwargs):
 @functools.lru_cache(maxsize=None)
 def _samples_fn(**kwargs):
   opts = {**_DEFAULTS, **kwargs}
-  return jax.jit(lambda *a: reco._reco(*a, return_samples=True, **opts))
+  return jax.jit(lambda *a: helpers.reco_with_samples(*a, return_samples=True, **opts))
 
 
 def _samples(key, rep, labels, valid, prob, **kwargs):
@@ -389,7 +390,7 @@ def _run_with_stats_fn(**kwargs):
   """Like _run_fn, with prototype statistics as a traced argument."""
   opts = {**_DEFAULTS, **kwargs}
   return jax.jit(jax.value_and_grad(
-      lambda rep, key, labels, valid, prob, stats: reco._reco(
+      lambda rep, key, labels, valid, prob, stats: helpers.reco_with_samples(
           key, rep, labels, valid, prob, return_samples=False, **{**opts,
                                                                   'prototype_stats': stats}),
       has_aux=True))

@@ -10,14 +10,13 @@ import shutil
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-import conftest
 from configs import cityscapes, sun, toy, voc
-from reco_jax import defaults
+from reco_jax import config_checks
+from reco_jax import inputs
 from reco_jax import parallel
 from reco_jax import results
 from reco_jax import state as state_lib
@@ -26,9 +25,10 @@ from reco_jax import train
 from reco_jax.losses import reco_recipe
 from reco_jax.methods import common
 from reco_jax.methods import s4gan
+from reco_jax.models import deeplab
 from reco_jax.models import discriminator as discriminator_lib
-# The toy dataset fixture and the toy run config of the end-to-end tests.
-from test_train import event_tags, host, tiny_config as toy_run_config, toy_data_dir  # noqa: F401
+from helpers import event_tags, host, persistent_compilation_cache, s4gan_batch, s4gan_config
+from helpers import toy_run_config
 import tolerances
 
 NUM_CLASSES, SIZE, BATCH = 3, 16, 4
@@ -43,27 +43,6 @@ class TinySegNet(nn.Module):
     x = nn.Conv(8, (3, 3), strides=(2, 2))(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     return nn.Conv(self.num_classes, (1, 1), name='classifier')(x), nn.Conv(4, (1, 1))(x)
-
-
-def s4gan_config(**overrides) -> ml_collections.ConfigDict:
-  config = defaults.base_config()
-  config.update(dict(method='s4gan', reco=False, num_classes=NUM_CLASSES, batch_size=BATCH,
-                     num_train_steps=100, weak_threshold=0.4, strong_threshold=0.5,
-                     num_queries=8, num_negatives=16))
-  config.update(overrides)
-  return config
-
-
-def make_batch(seed=0):
-  """2 x BATCH labelled images (labels show in the colour, some void) and BATCH unlabelled."""
-  rng = np.random.default_rng(seed)
-  images = rng.normal(size=(3 * BATCH, SIZE, SIZE, 3)).astype(np.float32)
-  labels = np.repeat(np.repeat(rng.integers(0, NUM_CLASSES, (3 * BATCH, 2, 2)), 8, 1), 8, 2)
-  images[..., 0] += 2.0 * labels
-  labels = labels.astype(np.int32)
-  labels[:, :3] = 255
-  return {'labelled': {'image': images[:2 * BATCH], 'label': labels[:2 * BATCH]},
-          'unlabelled': {'image': images[2 * BATCH:]}}
 
 
 @functools.cache
@@ -203,10 +182,9 @@ def test_discriminator_loss_is_bce_and_passes_no_gradient_to_the_student():
       -np.mean(np.log(p)), rel=1e-5)
   assert np.all(np.isfinite(jax.grad(s4gan.binary_cross_entropy)(logits, 0.0)))
 
-  config = s4gan_config()
   init = initial_state()
   d_params = init.extras['discriminator']['params']
-  batch = make_batch()
+  batch = s4gan_batch()
   real = s4gan.real_maps(batch['labelled']['label'][:BATCH], batch['labelled']['image'][:BATCH],
                          NUM_CLASSES)
   keys = tuple(jax.random.split(jax.random.key(4)))
@@ -274,7 +252,7 @@ def test_step_updates_each_network_with_its_own_loss():
   config = s4gan_config(s4gan_threshold=0.0)  # every image self-trained on after step 0
   mesh = parallel.make_mesh(jax.devices()[:1])
   state = state_on(mesh)
-  batch = parallel.shard_batch(mesh, make_batch())
+  batch = parallel.shard_batch(mesh, s4gan_batch())
   key = jax.random.key(7)
   want = jax.jit(functools.partial(composed_step, config))(state, batch, key)
   before = jax.tree.map(np.asarray, state)
@@ -308,7 +286,7 @@ def test_step_updates_each_network_with_its_own_loss():
 
 def test_one_and_four_devices_agree():
   config = s4gan_config(s4gan_threshold=0.0)
-  np_batch, key = make_batch(), jax.random.key(7)
+  np_batch, key = s4gan_batch(), jax.random.key(7)
   results = []
   for n in (1, 4):
     mesh = parallel.make_mesh(jax.devices()[:n])
@@ -379,32 +357,32 @@ def test_configs_take_method_s4gan_with_their_thresholds():
     c = module.get_config('method=s4gan,labels=20')
     assert c.method == 's4gan' and c.s4gan_threshold == threshold
     assert (c.s4gan_fm_weight, c.s4gan_st_weight, c.s4gan_learning_rate) == (0.1, 1.0, 1e-4)
-    assert train.branch_batches(c) == (2 * c.batch_size, c.batch_size)
+    assert inputs.branch_batches(c) == (2 * c.batch_size, c.batch_size)
     c.batch_size = c.eval_batch_size = 4  # a multiple of the 4 test devices
-    train.validate_config(c)
+    config_checks.validate_config(c)
 
 
 def test_unsupported_s4gan_settings_are_clear_errors():
   c = voc.get_config('method=s4gan,partial=p1')
   with pytest.raises(ValueError, match='partial=p1.*cutout, cutmix, classmix'):
-    train.validate_config(c)
+    config_checks.validate_config(c)
   c = voc.get_config('method=s4gan')
   c.s4gan_threshold = 1.5
   with pytest.raises(ValueError, match='s4gan_threshold'):
-    train.validate_config(c)
+    config_checks.validate_config(c)
 
 
 @pytest.fixture(scope='module')
 def compilation_cache(tmp_path_factory):
-  with conftest.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
+  with persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
     yield
 
 
-def test_resumed_s4gan_run_matches_uninterrupted_run(toy_data_dir, tmp_path,  # noqa: F811
+def test_resumed_s4gan_run_matches_uninterrupted_run(toy_data_dir, tmp_path,
                                                      compilation_cache, monkeypatch):
   """The toy run of tests/test_train.py with S4GAN, on the one-conv net (compiles fast)."""
   config = toy_run_config(toy_data_dir, method='s4gan', reco=False, num_image_summaries=0)
-  monkeypatch.setattr(train, 'build_model', lambda c: TinySegNet(c.num_classes))
+  monkeypatch.setattr(deeplab, 'model_from_config', lambda c: TinySegNet(c.num_classes))
   full = tmp_path / 'full'
   state = train.train_and_evaluate(config, str(full))
   assert float(np.asarray(host(state.step))) == 4

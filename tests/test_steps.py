@@ -3,11 +3,9 @@
 Step functions are compiled with XLA's cheap optimisation level: on a small CPU the compile
 dominates these tests, and the values checked do not depend on it.
 """
-import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -16,150 +14,13 @@ from reco_jax import state as state_lib
 from reco_jax import steps
 from reco_jax.methods import common
 from reco_jax.methods import mean_teacher
-from reco_jax.models import deeplab
 from reco_jax.models import resize
 from reco_jax.semi import augment
 from reco_jax.semi import mixing
 from reco_jax.semi import rescale
+from helpers import (BATCH, NUM_CLASSES, SIZE, check_training, compile_step, leaves_close,
+                     make_batch, max_abs_diff, run_steps, tiny_config)
 import tolerances
-
-NUM_CLASSES = 3
-SIZE = 33
-BATCH = 4
-
-
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({
-      'num_classes': NUM_CLASSES, 'partial': '', 'batch_size': BATCH,
-      'method': 'classmix', 'reco': False, 'init_weights': '',
-      'optimizer': {'learning_rate': 2.5e-3, 'momentum': 0.9, 'nesterov': True,
-                    'weight_decay': 5e-4, 'poly_power': 0.9, 'min_learning_rate': 1e-6},
-      'num_train_steps': 100, 'ema_decay': 0.99, 'scale_range': (0.75, 1.25), 'hue_jitter': 0.25,
-      # Low thresholds: an untrained 3-class model is rarely 97% sure of anything.
-      'strong_threshold': 0.5, 'weak_threshold': 0.4,
-      'reco_temperature': 0.5, 'num_queries': 8, 'num_negatives': 16,
-      'query_mode': 'hard', 'key_mode': 'active', 'average_prototypes': False,
-      'recompute_labelled': False,
-  })
-  config.update(overrides)
-  return config
-
-
-def tiny_model():
-  return deeplab.DeepLabV3Plus(num_classes=NUM_CLASSES, backbone='resnet_tiny', rep_dim=8,
-                               aspp_dim=8, low_level_dim=4, head_dim=8)
-
-
-def make_batch(seed=0, partial=False, batch=BATCH, supervised=False):
-  """Images whose label shows in their colour, so that training can fit it."""
-  rng = np.random.default_rng(seed)
-  images = rng.normal(size=(2 * batch, SIZE, SIZE, 3)).astype(np.float32)
-  coarse = rng.integers(0, NUM_CLASSES, (2 * batch, 3, 3))
-  labels = np.repeat(np.repeat(coarse, 11, axis=1), 11, axis=2).astype(np.int32)
-  images[..., 0] += 2.0 * labels
-  labels[:batch, :2] = 255  # some void
-  out = {'labelled': {'image': images[:batch], 'label': labels[:batch]},
-         'unlabelled': {'image': images[batch:]}}
-  if partial:
-    part = np.full_like(labels[batch:], 255)
-    part[:, ::5, ::5] = labels[batch:, ::5, ::5]
-    out['unlabelled']['label'] = part
-  if supervised:
-    out.pop('unlabelled')
-  return out
-
-
-_COMPILED = {}
-
-
-def compile_step(config, model, mesh, state, batch, key):
-  """The compiled train step, shared by the tests (and test files) that use the same setup."""
-  cache_key = (config.to_json(), tuple(d.id for d in mesh.devices.flat),
-               jax.tree.structure((state, batch)))
-  if cache_key not in _COMPILED:
-    _COMPILED[cache_key] = steps.make_train_step(config, model, mesh).lower(
-        state, batch, key).compile()
-  return _COMPILED[cache_key]
-
-
-def max_abs_diff(a, b):
-  return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def leaves_close(a, b, **kw):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
-
-
-@pytest.fixture(scope='module')
-def mesh():
-  return parallel.make_mesh(jax.devices()[:1])
-
-
-@functools.cache
-def shared_model_and_state():
-  """One tiny model and its initial state (on one device) for all step tests."""
-  model = tiny_model()
-  state = state_lib.create_train_state(tiny_config(), model, jax.random.key(0),
-                                       (SIZE, SIZE, 3), mesh=parallel.make_mesh(jax.devices()[:1]))
-  return model, state
-
-
-@pytest.fixture(scope='module')
-def model():
-  return shared_model_and_state()[0]
-
-
-@pytest.fixture(scope='module')
-def initial_state():
-  return shared_model_and_state()[1]
-
-
-@pytest.fixture
-def state(initial_state):
-  # Steps donate their input state: hand each test its own buffers.
-  return jax.tree.map(jnp.copy, initial_state)
-
-
-def run_steps(step, state, batch, key, num_steps):
-  history = []
-  for _ in range(num_steps):
-    state, metrics = step(state, batch, key)
-    history.append({k: float(v) for k, v in metrics.items()})
-  return state, history
-
-
-def check_training(config, init, state, history):
-  """What every method must show after a few steps from `init` (a numpy copy of the state)."""
-  for m in history:
-    assert all(np.isfinite(v) for v in m.values()), m
-    assert m['loss'] == pytest.approx(m['sup_loss'] + m['unsup_loss'] + m['reco_loss'],
-                                      rel=1e-5)
-  assert int(state.step) == len(history)
-  base = config.optimizer.learning_rate
-  assert [m['learning_rate'] for m in history] == pytest.approx(
-      [base * (1 - t / 100) ** 0.9 for t in range(len(history))], rel=1e-5)
-  assert max_abs_diff(init.params, state.params) > 1e-4
-  assert max_abs_diff(init.batch_stats, state.batch_stats) > 1e-4
-  if config.reco:
-    assert all(m['reco_loss'] > 0 for m in history)
-  else:
-    assert all(m['reco_loss'] == 0 for m in history)
-  if config.method == 'supervised':
-    assert all(m['unsup_loss'] == 0 for m in history)
-    return
-  assert all(m['unsup_loss'] > 0 for m in history)
-  assert all(0 < m['pseudo_confidence'] <= 1 and 0 <= m['confident_fraction'] <= 1
-             for m in history)
-  assert [m['teacher_decay'] for m in history] == pytest.approx(
-      [min(1 - 1 / (t + 1), 0.99) for t in range(len(history))])
-  # The teacher is an average of past students, not the student.
-  assert max_abs_diff(state.params, state.ema_params) > 1e-5
-  assert max_abs_diff(init.ema_params, state.ema_params) > 1e-4
-  # It ran in training mode, so its own running statistics moved.
-  assert max_abs_diff(init.ema_batch_stats, state.ema_batch_stats) > 1e-4
-
 
 def test_supervised_step_trains_and_fits(mesh, model, state):
   config = tiny_config(method='supervised')

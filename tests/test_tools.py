@@ -22,8 +22,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import conftest
+import helpers
 from configs import toy
+from reco_jax import class_stats
+from reco_jax import data as data_lib
 from reco_jax import evaluate
 from reco_jax import inference
 from reco_jax import parallel
@@ -44,7 +46,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
   """A persistent XLA cache: the tools' eval steps reuse the trainer's compilations."""
-  with conftest.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.5):
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.5):
     yield
 
 
@@ -57,7 +59,7 @@ def toy_run(tmp_path_factory):
   head included, is the same.
   """
   data_dir = tmp_path_factory.getbasetemp() / 'toy_tfds'
-  base.prepare('reco_toy/tiny', str(data_dir))
+  data_lib.prepare('reco_toy/tiny', str(data_dir))
   config = toy.get_config('runlocal,method=cutout,reco=False')
   config.data_dir = str(data_dir)
   config.num_image_summaries = 0  # The trainer's image summaries are not the tools' concern.
@@ -72,7 +74,7 @@ def loaded(toy_run):
   _, workdir = toy_run
   mesh = parallel.make_mesh()
   run = workdir_lib.load_run(workdir, 'latest', mesh=mesh)
-  return run, workdir_lib.dataset_builder(run.config), mesh
+  return run, data_lib.prepare_for_config(run.config, flags='--'), mesh
 
 
 def logged(workdir, prefix='eval/'):
@@ -255,7 +257,7 @@ def test_relation_graph_of_known_class_means():
       labels[0, row, k] = c
       features[0, row, k] = np.asarray(means[c]) + sign * spread
   labels[1] = 0  # the second example is padding (valid = False)
-  sums, counts = jax.jit(relations.class_statistics, static_argnums=3)(
+  sums, counts = jax.jit(class_stats.class_statistics, static_argnums=3)(
       features, labels, np.array([True, False]), 4)
   np.testing.assert_array_equal(np.asarray(counts), [2, 2, 2, 0])
   with np.errstate(invalid='ignore'):

@@ -1,4 +1,5 @@
 """End-to-end training on a tiny toy dataset: outputs, exact resume, NaN handling, errors."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -10,72 +11,33 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow as tf
 
-import conftest
 from configs import toy
+import helpers
+from helpers import TOY_STEPS, event_tags, host, restore, toy_run_config
+from reco_jax import divergence
+from reco_jax import inputs
 from reco_jax import methods
 from reco_jax import steps
 from reco_jax import train
 from reco_jax import viz
 from reco_jax import workdir as workdir_lib
-from reco_jax.data import base
+from reco_jax.models import deeplab
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-NUM_STEPS = 4
 
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
   """A persistent XLA cache for this module's runs (each step compiles once), then none."""
-  with conftest.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
     yield
-
-
-@pytest.fixture(scope='session')
-def toy_data_dir(tmp_path_factory):
-  """TFDS dir holding the 48/12-image 'reco_toy/tiny' dataset."""
-  data_dir = tmp_path_factory.getbasetemp() / 'toy_tfds'
-  base.prepare('reco_toy/tiny', str(data_dir))
-  return str(data_dir)
-
-
-def tiny_config(data_dir, **overrides):
-  c = toy.get_config('runlocal')
-  c.data_dir = data_dir
-  c.num_train_steps = NUM_STEPS
-  c.log_every_steps = 1
-  c.eval_every_steps = NUM_STEPS
-  c.checkpoint_every_steps = 2
-  c.keep_checkpoints = 2
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-def event_tags(workdir):
-  """{tag: sorted steps} over all TensorBoard event files directly in `workdir`."""
-  tags = {}
-  for path in sorted(pathlib.Path(workdir).glob('events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for value in event.summary.value:
-        tags.setdefault(value.tag, set()).add(event.step)
-  return {k: sorted(v) for k, v in tags.items()}
-
-
-def host(tree):
-  return jax.tree.map(np.asarray, tree)
-
-
-def restore(directory, step, like):
-  with ocp.CheckpointManager(directory) as manager:
-    return manager.restore(step, args=ocp.args.StandardRestore(workdir_lib.abstract(like)))
 
 
 @pytest.fixture(scope='module')
 def full_run(toy_data_dir, tmp_path_factory):
-  """An uninterrupted NUM_STEPS-step ClassMix + ReCo run: (config, workdir, final state)."""
-  config = tiny_config(toy_data_dir)
+  """An uninterrupted TOY_STEPS-step ClassMix + ReCo run: (config, workdir, final state)."""
+  config = toy_run_config(toy_data_dir)
   workdir = tmp_path_factory.mktemp('full_run')
   state = train.train_and_evaluate(config, str(workdir))
   return config, workdir, state
@@ -83,28 +45,28 @@ def full_run(toy_data_dir, tmp_path_factory):
 
 def test_end_to_end_writes_events_checkpoints_config_and_ids(full_run):
   config, workdir, state = full_run
-  assert int(state.step) == NUM_STEPS
+  assert int(state.step) == TOY_STEPS
   tags = event_tags(workdir)
-  assert tags['eval/miou'] == [NUM_STEPS]
-  assert tags['eval/iou/background'] == [NUM_STEPS] and 'eval/iou/rings' in tags
+  assert tags['eval/miou'] == [TOY_STEPS]
+  assert tags['eval/iou/background'] == [TOY_STEPS] and 'eval/iou/rings' in tags
   assert tags['train/loss'] == [1, 2, 3, 4]
   for name in ('sup_loss', 'unsup_loss', 'reco_loss', 'learning_rate', 'pseudo_confidence',
                'images_per_second'):
     assert f'train/{name}' in tags, name
   # image | ground truth | prediction | easy | hard query panels, and the relation graph.
-  assert tags['eval/examples'] == [NUM_STEPS] and tags['eval/relations_R'] == [NUM_STEPS]
+  assert tags['eval/examples'] == [TOY_STEPS] and tags['eval/relations_R'] == [TOY_STEPS]
   with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
     assert manager.all_steps() == [2, 4]
   with ocp.CheckpointManager(workdir / 'checkpoints_best') as manager:
-    assert manager.all_steps() == [NUM_STEPS]
+    assert manager.all_steps() == [TOY_STEPS]
   saved = json.loads((workdir / 'config.json').read_text())
-  assert saved['dataset'] == 'reco_toy/tiny' and saved['num_train_steps'] == NUM_STEPS
+  assert saved['dataset'] == 'reco_toy/tiny' and saved['num_train_steps'] == TOY_STEPS
   assert saved['model']['backbone'] == 'resnet_tiny' and saved['method'] == 'classmix'
   ids = (workdir / 'labelled_ids.txt').read_text().split()
   assert len(ids) == config.labels == len(set(ids))
   assert all(i.startswith('train_') for i in ids)
   # The training loss moved and the latest checkpoint holds the returned state.
-  restored = restore(workdir / 'checkpoints', NUM_STEPS, state)
+  restored = restore(workdir / 'checkpoints', TOY_STEPS, state)
   np.testing.assert_array_equal(
       jax.tree.leaves(host(restored.params))[0], jax.tree.leaves(host(state.params))[0])
 
@@ -115,13 +77,13 @@ def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
   # best-mIoU checkpoint of step 4 stays: a run can stop between the two saves of a step.)
   killed = tmp_path / 'killed'
   shutil.copytree(workdir, killed)
-  shutil.rmtree(killed / 'checkpoints' / str(NUM_STEPS))
+  shutil.rmtree(killed / 'checkpoints' / str(TOY_STEPS))
   for events in killed.glob('events.out.tfevents.*'):
     events.unlink()
   resumed = train.train_and_evaluate(config, str(killed))
   # It continued from step 2 (it logged steps 3 and 4 only) ...
   assert event_tags(killed)['train/loss'] == [3, 4]
-  assert int(resumed.step) == NUM_STEPS
+  assert int(resumed.step) == TOY_STEPS
   # ... and reached the uninterrupted run's state: student, teacher and optimiser.
   for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats', 'opt_state'):
     a, b = host(getattr(state, name)), host(getattr(resumed, name))
@@ -147,7 +109,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(
 
   monkeypatch.setattr(steps, 'make_train_step', make_poisoned)
   workdir = tmp_path / 'nan'
-  with pytest.raises(train.TrainingDivergedError, match=r'step 3: non-finite') as err:
+  with pytest.raises(divergence.TrainingDivergedError, match=r'step 3: non-finite') as err:
     train.train_and_evaluate(config, str(workdir))
   message = str(err.value)
   assert 'loss=nan' in message and 'sup_loss=' in message and 'reco_loss=' in message
@@ -182,7 +144,7 @@ def test_a_workdir_holds_one_run(full_run, toy_data_dir, tmp_path):
   config, workdir, _ = full_run
   reused = _killed_copy(workdir, tmp_path, 'reused')
   before = {name: (reused / name).read_text() for name in ('config.json', 'labelled_ids.txt')}
-  other = tiny_config(toy_data_dir, method='supervised', labels=8)
+  other = toy_run_config(toy_data_dir, method='supervised', labels=8)
   with pytest.raises(ValueError, match=r'holds a run of another config') as err:
     train.train_and_evaluate(other, str(reused))
   message = str(err.value)
@@ -192,7 +154,7 @@ def test_a_workdir_holds_one_run(full_run, toy_data_dir, tmp_path):
   # Nothing the first run wrote was touched.
   assert {name: (reused / name).read_text() for name in before} == before
   # Logging and checkpoint cadence may change on resume: the finished run is found complete.
-  resumed = train.train_and_evaluate(tiny_config(toy_data_dir, log_every_steps=2,
+  resumed = train.train_and_evaluate(toy_run_config(toy_data_dir, log_every_steps=2,
                                                  eval_batch_size=8), str(reused))
   assert int(resumed.step) == config.num_train_steps
 
@@ -212,21 +174,21 @@ def test_a_second_trainer_on_a_workdir_is_refused(full_run, toy_data_dir, tmp_pa
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_path, capsys):
   config, workdir, state = full_run
   broken = _killed_copy(workdir, tmp_path, 'broken')
-  files = sorted((p for p in (broken / 'checkpoints' / str(NUM_STEPS)).rglob('*') if p.is_file()),
+  files = sorted((p for p in (broken / 'checkpoints' / str(TOY_STEPS)).rglob('*') if p.is_file()),
                  key=lambda p: p.stat().st_size)
   largest = files[-1]
   largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])  # truncated
   # The tools say it in a line, without Orbax's traceback.
-  model = train.build_model(config)
-  with pytest.raises(ValueError, match=f'step {NUM_STEPS} in .* cannot be restored'):
-    workdir_lib.restore_state(config, model, broken / 'checkpoints', NUM_STEPS)
+  model = deeplab.model_from_config(config)
+  with pytest.raises(ValueError, match=f'step {TOY_STEPS} in .* cannot be restored'):
+    workdir_lib.restore_state(config, model, broken / 'checkpoints', TOY_STEPS)
   resumed = train.train_and_evaluate(config, str(broken))
   printed = capsys.readouterr().out
-  assert f'The checkpoint of step {NUM_STEPS} in' in printed and 'trying the one before' in printed
+  assert f'The checkpoint of step {TOY_STEPS} in' in printed and 'trying the one before' in printed
   assert 'Resuming from the checkpoint of step 2' in printed
   assert event_tags(broken)['train/loss'] == [3, 4]
   # Moved aside, not deleted; the run reached the uninterrupted run's state.
-  assert (broken / workdir_lib.FAILED_CHECKPOINTS / str(NUM_STEPS)).is_dir()
+  assert (broken / workdir_lib.FAILED_CHECKPOINTS / str(TOY_STEPS)).is_dir()
   _assert_same_state(state, resumed)
 
 
@@ -234,7 +196,7 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(full_run, tmp_path
   from reco_jax import preemption  # pylint: disable=g-import-not-at-top
   config, _, state = full_run
   workdir = tmp_path / 'preempted'
-  conftest.sigterm_at_call(monkeypatch, 3)
+  helpers.sigterm_at_call(monkeypatch, 3)
   with pytest.raises(preemption.Preempted, match='stopped at step 3 after saving'):
     train.train_and_evaluate(config, str(workdir))
   monkeypatch.undo()
@@ -247,14 +209,14 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(full_run, tmp_path
 
 def test_invalid_config_errors_are_clear(toy_data_dir, tmp_path):
   with pytest.raises(ValueError, match='multiple of the 4 devices'):
-    train.train_and_evaluate(tiny_config(toy_data_dir, batch_size=6), str(tmp_path))
+    train.train_and_evaluate(toy_run_config(toy_data_dir, batch_size=6), str(tmp_path))
   with pytest.raises(ValueError, match='config.method'):
-    train.train_and_evaluate(tiny_config(toy_data_dir, method='mixup'), str(tmp_path))
+    train.train_and_evaluate(toy_run_config(toy_data_dir, method='mixup'), str(tmp_path))
   with pytest.raises(ValueError, match='num_classes=9'):
-    train.train_and_evaluate(tiny_config(toy_data_dir, num_classes=21), str(tmp_path))
+    train.train_and_evaluate(toy_run_config(toy_data_dir, num_classes=21), str(tmp_path))
   with pytest.raises(ValueError, match='Unknown dataset .reco_vocc.*reco_voc'):
-    train.train_and_evaluate(tiny_config(toy_data_dir, dataset='reco_vocc'), str(tmp_path))
-  incomplete = tiny_config(toy_data_dir)
+    train.train_and_evaluate(toy_run_config(toy_data_dir, dataset='reco_vocc'), str(tmp_path))
+  incomplete = toy_run_config(toy_data_dir)
   incomplete.unlock()
   del incomplete['weak_threshold']
   del incomplete.optimizer['momentum']
@@ -267,11 +229,11 @@ def test_train_iterators_take_the_configs_data_fields(monkeypatch):
   """The training streams are built from the config's fields, not the pipeline's defaults."""
   from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   seen = {}
-  monkeypatch.setattr(pipeline, 'train_iterators',
-                      lambda builder, **kwargs: seen.update(kwargs, builder=builder))
-  config = tiny_config('unused', hue_jitter=0.1, scale_range=(0.5, 1.5), labels=7,
+  monkeypatch.setattr(pipeline, 'train_iterators', lambda builder, data, **kwargs: seen.update(
+      dataclasses.asdict(data), **kwargs, builder=builder))
+  config = toy_run_config('unused', hue_jitter=0.1, scale_range=(0.5, 1.5), labels=7,
                        unlabelled_fraction=0.5, seed=3, subset='uniform')
-  train._train_iterators(config, 'the builder', 5, method=methods.get('classmix'))
+  inputs.train_streams(config, 'the builder', 5, method=methods.get('classmix'))
   assert seen['builder'] == 'the builder' and seen['start_batch'] == 5
   assert seen['hue_jitter'] == 0.1 and seen['scale_range'] == (0.5, 1.5)
   assert seen['num_labels'] == 7 and seen['unlabelled_fraction'] == 0.5 and seen['seed'] == 3
@@ -279,7 +241,7 @@ def test_train_iterators_take_the_configs_data_fields(monkeypatch):
   assert seen['crop_size'] == tuple(config.crop_size)
   assert seen['subset'] == 'uniform' and seen['labelled_photometric']
   # UniMatch's labelled images get geometric augmentation only, and 2 unlabelled batches.
-  train._train_iterators(config, 'the builder', 5, method=methods.get('unimatch'))
+  inputs.train_streams(config, 'the builder', 5, method=methods.get('unimatch'))
   assert not seen['labelled_photometric']
   assert seen['unlabelled_batch'] == 2 * config.batch_size
 
@@ -290,28 +252,28 @@ def test_train_iterators_take_the_configs_data_fields(monkeypatch):
     ('runlocal,method=pseudo_label,pretrain=within,subset=class_balanced', 'class_balanced')])
 def test_the_subset_argument_reaches_the_labelled_id_selection(monkeypatch, arg, subset):
   """The config argument decides the draw of the training streams and of the pseudo-label
-  stage's labelled ids (train._labelled_ids) alike."""
+  stage's labelled ids (inputs.labelled_ids) alike."""
   from reco_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from reco_jax.data import splits  # pylint: disable=g-import-not-at-top
   ids = [f'train_{i:05d}' for i in range(48)]
   classes = [np.array([i % 9]) for i in range(48)]  # one class each: below min_classes
   monkeypatch.setattr(pipeline, 'train_ids_and_classes', lambda builder: (ids, classes))
   drawn = []
-  real = pipeline.labelled_subset
-  monkeypatch.setattr(pipeline, 'labelled_subset',
+  real = splits.labelled_subset
+  monkeypatch.setattr(splits, 'labelled_subset',
                       lambda *a, **kw: drawn.append(kw['subset']) or real(*a, **kw))
   config = toy.get_config(arg)
   if subset == 'uniform':
-    assert train._labelled_ids(config, 'the builder') == splits.select_uniform(
+    assert inputs.labelled_ids(config, 'the builder') == splits.select_uniform(
         ids, config.labels, seed=config.seed)
   else:
     with pytest.raises(ValueError, match='at least 2 classes'):
-      train._labelled_ids(config, 'the builder')
+      inputs.labelled_ids(config, 'the builder')
   assert drawn == [subset]
 
 
 def test_missing_dataset_says_what_to_do(tmp_path):
-  c = tiny_config(str(tmp_path / 'empty_tfds'), dataset='reco_voc', num_classes=21)
+  c = toy_run_config(str(tmp_path / 'empty_tfds'), dataset='reco_voc', num_classes=21)
   with pytest.raises(FileNotFoundError, match='manual_dir') as err:
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert 'reco_voc' in str(err.value)

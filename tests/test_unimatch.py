@@ -10,12 +10,12 @@ import pytest
 
 from configs import toy
 from configs import voc
+from reco_jax import config_checks
 from reco_jax import defaults
 from reco_jax import names
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import steps
-from reco_jax import train
 from reco_jax.losses import reco_recipe
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
@@ -81,9 +81,9 @@ def test_config_overrides_are_the_authors_settings_and_flags_still_win():
   assert small.optimizer.learning_rate == toy.get_config().optimizer.learning_rate
   assert small.optimizer.head_lr_multiplier == 1 and small.optimizer.weight_decay == 1e-4
   assert small.num_train_steps == toy.get_config().num_train_steps
-  train.validate_config(small)
+  config_checks.validate_config(small)
   with pytest.raises(ValueError, match='backbone=deeplabv3p'):
-    train.validate_config(toy.get_config('method=unimatch,backbone=deeplabv2'))
+    config_checks.validate_config(toy.get_config('method=unimatch,backbone=deeplabv2'))
 
 
 def test_head_moves_at_ten_times_the_backbone_rate():

@@ -1,7 +1,6 @@
 """What every reco_jax segmentation dataset stores, and the checks each example passes."""
 from collections.abc import Sequence
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -73,35 +72,3 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 def class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
   """Class names of a prepared dataset, index = class id."""
   return tuple(builder.info.metadata['class_names'])
-
-
-def prepare(name: str, data_dir: str | None = None,
-            manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """Returns the builder of dataset `name`, building it first if `data_dir` lacks it.
-
-  Builders that need raw files read them from `manual_dir` (see each builder's docstring);
-  they raise an error naming the expected files when it is missing or incomplete.
-  """
-  import reco_jax.data  # noqa: F401  registers the builders
-  builder = tfds.builder(name, data_dir=data_dir)
-  fingerprint = getattr(builder, 'source_fingerprint', None)
-  source = fingerprint(manual_dir) if fingerprint and manual_dir else None
-  record = epath.Path(builder.data_dir) / _FINGERPRINT_FILE
-  if source and builder.is_prepared() and (
-      not record.exists() or record.read_text().strip() != source):
-    print(f'{name}: {manual_dir} has changed since it was built into {builder.data_dir} (its '
-          'lists, classes.txt or a listed file): building it again.', flush=True)
-    epath.Path(builder.data_dir).rmtree()
-    builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-    builder.download_and_prepare(download_config=config)
-    if source:
-      partial = record.with_name(record.name + '.partial')
-      partial.write_text(source + '\n')
-      partial.replace(record)
-  return builder
-
-
-# Beside a build from a folder that can change (reco_folder): the folder's fingerprint.
-_FINGERPRINT_FILE = 'source_fingerprint.txt'

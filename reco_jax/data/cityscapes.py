@@ -9,7 +9,7 @@ Labels hold the 19 evaluation trainIds of the official Cityscapes table (labelId
 image_id is the frame name, e.g. `aachen_000000_000019`.
 
 Build once:
-  reco_jax.data.base.prepare('reco_cityscapes', data_dir=..., manual_dir='/data/cityscapes')
+  reco_jax.data.prepare('reco_cityscapes', data_dir=..., manual_dir='/data/cityscapes')
 """
 from etils import epath
 import numpy as np

@@ -13,7 +13,7 @@ the dataset metadata (`reco_jax.data.base.class_names(builder)`).
 Training on it: `--config=configs/folder.py:data=/data/mine,labels=50,method=classmix` reads
 the class count, the image sizes and a data dir of its own from the folder and builds the
 dataset on first use. Built by hand instead:
-  reco_jax.data.base.prepare('reco_folder', data_dir='/data/mine_tfds', manual_dir='/data/mine')
+  reco_jax.data.prepare('reco_folder', data_dir='/data/mine_tfds', manual_dir='/data/mine')
 into a data dir of its own, since TFDS caches by builder name and version and every folder
 dataset is called `reco_folder`. The build records the folder's fingerprint
 (`own_data.fingerprint`: the lists, classes.txt, and each listed file's size and modification
@@ -47,7 +47,7 @@ def read_class_names(root: epath.Path) -> tuple[str, ...]:
 
 
 def source_fingerprint(manual_dir: str) -> str:
-  """What `base.prepare` compares with a build's record to find a folder changed since."""
+  """What `reco_jax.data.prepare` compares with a build's record to find a folder changed since."""
   return own_data.fingerprint(manual_dir)
 
 

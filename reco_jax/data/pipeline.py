@@ -11,7 +11,8 @@ Randomness: shuffling uses explicit seeds, and every augmentation draws from sta
 seeded by (run seed, process, stream, position of the example in this process's stream), so a
 seed reproduces the same batches whatever the threading.
 """
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -21,7 +22,7 @@ import tensorflow_datasets as tfds
 from reco_jax import names
 from reco_jax import normalization
 from reco_jax import photometric as P
-from reco_jax.data import base
+from reco_jax.data import image_ops
 from reco_jax.data import splits
 
 # Largest shuffle buffer, in encoded examples (memory: ~100 kB each for VOC-size JPEGs).
@@ -34,146 +35,6 @@ def derive_seed(seed: int, *tags) -> int:
   """A stable 63-bit seed from a run seed and tags (process index, stream name...)."""
   text = ':'.join(str(t) for t in (seed,) + tags)
   return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], 'little') >> 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Geometry and photometry on single examples (graph-mode TF, dynamic input sizes).
-
-
-def _reflect_indices(size_in: tf.Tensor, size_out: tf.Tensor) -> tf.Tensor:
-  """Source index of each of `size_out` positions when reflecting a length-`size_in` axis.
-
-  Equals repeated REFLECT padding (edge not repeated), so it works for any pad length, unlike
-  tf.pad, which fails once the pad exceeds the image size.
-  """
-  period = tf.maximum(2 * (size_in - 1), 1)
-  m = tf.range(size_out) % period
-  return tf.where(m < size_in, m, period - m)
-
-
-def pad_to_size(image: tf.Tensor, label: tf.Tensor | None, height, width):
-  """Pads bottom/right up to at least (height, width): image reflected, label void.
-
-  image: [h, w, 3] float32; label: [h, w, 1] uint8 or None. Sizes already large enough stay.
-  """
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  out_h, out_w = tf.maximum(h, height), tf.maximum(w, width)
-  image = tf.gather(image, _reflect_indices(h, out_h), axis=0)
-  image = tf.gather(image, _reflect_indices(w, out_w), axis=1)
-  if label is not None:
-    label = tf.pad(label, [[0, out_h - h], [0, out_w - w], [0, 0]],
-                   constant_values=names.VOID)
-  return image, label
-
-
-def _grey(image: tf.Tensor) -> tf.Tensor:
-  """PIL's convert('L') grey level: [h, w, 1]."""
-  return tf.reduce_sum(image * tf.constant(P.GREY_WEIGHTS), axis=-1, keepdims=True)
-
-
-def colour_jitter(image: tf.Tensor, seed: tf.Tensor, hue_jitter: float = P.JITTER_HUE
-                  ) -> tf.Tensor:
-  """torchvision-style ColorJitter on a [h, w, 3] float32 image in [0, 1], random draws; the
-  hue shift is uniform in [-hue_jitter, hue_jitter]."""
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  b, c, s = tf.unstack(tf.random.stateless_uniform([3], seeds[0], *P.JITTER_FACTOR))
-  hue = tf.random.stateless_uniform([], seeds[1], -hue_jitter, hue_jitter)
-  order = tf.argsort(tf.random.stateless_uniform([4], seeds[2]))
-  return colour_jitter_with(image, order, b, c, s, hue)
-
-
-def colour_jitter_with(image: tf.Tensor, order: tf.Tensor, b, c, s, hue) -> tf.Tensor:
-  """The four colour ops of ColorJitter in `order` ([4] int: 0 brightness, 1 contrast,
-  2 saturation, 3 hue). Brightness multiplies; contrast blends with the mean grey level;
-  saturation blends with the grey image; hue shifts the HSV hue; each clips to [0, 1].
-  """
-  ops = [
-      lambda x: x * b,
-      lambda x: tf.reduce_mean(_grey(x)) * (1 - c) + x * c,
-      lambda x: _grey(x) * (1 - s) + x * s,
-      lambda x: tf.image.adjust_hue(x, hue),
-  ]
-  for step in range(4):
-    image = tf.switch_case(order[step], [lambda f=f: tf.clip_by_value(f(image), 0., 1.)
-                                         for f in ops])
-  return image
-
-
-def _symmetric_indices(size: tf.Tensor) -> tf.Tensor:
-  """Indices of a symmetric extension by BLUR_RADIUS on each side (edge pixel repeated)."""
-  i = tf.range(-P.BLUR_RADIUS, size + P.BLUR_RADIUS)
-  i = tf.where(i < 0, -i - 1, tf.where(i >= size, 2 * size - 1 - i, i))
-  return tf.clip_by_value(i, 0, size - 1)  # images narrower than the radius
-
-
-def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-  """Separable Gaussian blur of a [h, w, 3] float32 image; border extended symmetrically."""
-  x = tf.range(-P.BLUR_RADIUS, P.BLUR_RADIUS + 1, dtype=tf.float32)
-  k = tf.exp(-0.5 * tf.square(x / sigma))
-  k /= tf.reduce_sum(k)
-  rows = _symmetric_indices(tf.shape(image)[0])
-  cols = _symmetric_indices(tf.shape(image)[1])
-  padded = tf.gather(tf.gather(image, rows, axis=0), cols, axis=1)[None]
-  kernel_y = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, 3, 1])
-  kernel_x = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, 3, 1])
-  out = tf.nn.depthwise_conv2d(padded, kernel_y, [1, 1, 1, 1], 'VALID')
-  out = tf.nn.depthwise_conv2d(out, kernel_x, [1, 1, 1, 1], 'VALID')
-  return out[0]
-
-
-def augment_labelled(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *,
-                     crop_size: tuple[int, int], scale_range: tuple[float, float],
-                     photometric: bool = True, hue_jitter: float = P.JITTER_HUE
-                     ) -> tuple[tf.Tensor, tf.Tensor]:
-  """The labelled-branch augmentation of one example.
-
-  Args:
-    image: [h, w, 3] uint8. label: [h, w, 1] uint8 (255 void).
-    seed: [2] int64 stateless seed.
-    crop_size: output (height, width). scale_range: random rescale factor range.
-    photometric: False skips colour jitter and blur (tests check geometry with it).
-    hue_jitter: the largest hue shift of the colour jitter, in turns.
-
-  Returns:
-    image [crop_h, crop_w, 3] float32 in [0, 1] (not normalised), label [crop_h, crop_w] int32.
-  """
-  seeds = tf.random.experimental.stateless_split(seed, 8)
-  image = tf.image.convert_image_dtype(image, tf.float32)
-  if tuple(scale_range) != (1.0, 1.0):
-    scale = tf.random.stateless_uniform([], seeds[0], scale_range[0], scale_range[1])
-    size = tf.cast(tf.cast(tf.shape(image)[:2], tf.float32) * scale, tf.int32)
-    size = tf.maximum(size, 1)
-    # antialias=True matches PIL's bilinear resize, which filters when downscaling.
-    image = tf.image.resize(image, size, 'bilinear', antialias=True)
-    label = tf.image.resize(label, size, 'nearest')
-  image, label = random_crop(image, label, seeds[1], crop_size)
-  if photometric:
-    jitter = tf.random.stateless_uniform([], seeds[2]) < P.JITTER_PROB
-    image = tf.cond(jitter, lambda: colour_jitter(image, seeds[3], hue_jitter),
-                    lambda: image)
-    blur = tf.random.stateless_uniform([], seeds[4]) < P.BLUR_PROB
-    sigma = tf.random.stateless_uniform([], seeds[5], *P.BLUR_SIGMA)
-    image = tf.cond(blur, lambda: gaussian_blur(image, sigma), lambda: image)
-  flip = tf.random.stateless_uniform([], seeds[6]) < P.FLIP_PROB
-  image, label = tf.cond(flip, lambda: (image[:, ::-1], label[:, ::-1]), lambda: (image, label))
-  image.set_shape(list(crop_size) + [3])
-  return image, tf.cast(tf.reshape(label, crop_size), tf.int32)
-
-
-def random_crop(image: tf.Tensor, label: tf.Tensor | None, seed: tf.Tensor,
-                crop_size: tuple[int, int]):
-  """Pads (see `pad_to_size`) then crops the same random window from image and label."""
-  image, label = pad_to_size(image, label, crop_size[0], crop_size[1])
-  shape = tf.shape(image)
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  y = tf.random.stateless_uniform([], seeds[0], 0, shape[0] - crop_size[0] + 1, tf.int32)
-  x = tf.random.stateless_uniform([], seeds[1], 0, shape[1] - crop_size[1] + 1, tf.int32)
-  image = image[y:y + crop_size[0], x:x + crop_size[1]]
-  image.set_shape(list(crop_size) + [3])
-  if label is not None:
-    label = label[y:y + crop_size[0], x:x + crop_size[1]]
-    label.set_shape(list(crop_size) + [1])
-  return image, label
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,32 +122,6 @@ def _partial_fn(mode: str, seed: int):
   return apply
 
 
-def labelled_subset(ids: Sequence[str], classes: Sequence[np.ndarray], num_labels: int, *,
-                    min_classes: int, num_classes: int, seed: int,
-                    labelled_pool: Sequence[str] | None = None,
-                    subset: str = names.SUBSETS[0]) -> list[str]:
-  """The labelled image ids, drawn from `labelled_pool` if given.
-
-  subset: 'class_balanced' (`splits.select_labelled`, ReCo's rule; min_classes and
-  num_classes apply) or 'uniform' (`splits.select_uniform`, Zhao et al.'s; the classes are
-  not looked at).
-  """
-  if subset not in names.SUBSETS:
-    raise ValueError(f'subset={subset!r}: expected one of {names.SUBSETS}.')
-  pool_ids, pool_classes = list(ids), list(classes)
-  if labelled_pool is not None:
-    pool = set(labelled_pool)
-    pool_ids = [i for i in ids if i in pool]
-    pool_classes = [c for i, c in zip(ids, classes) if i in pool]
-    if num_labels > len(pool_ids) or not pool_ids:
-      raise ValueError(f'{num_labels} labelled images requested from a pool of '
-                       f'{len(pool_ids)} train images ({len(pool)} listed); lower num_labels.')
-  if subset == 'uniform':
-    return splits.select_uniform(pool_ids, num_labels, seed=seed)
-  return splits.select_labelled(pool_ids, pool_classes, num_labels, min_classes=min_classes,
-                                num_classes=num_classes, seed=seed)
-
-
 def _pseudo_label_fn(pseudo_labels: Mapping[str, bytes]):
   """(image id, label) -> the pseudo-label of that image if it has one, else the label."""
   keys = sorted(pseudo_labels)
@@ -330,35 +165,96 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def unlabelled_selection(ids: Sequence[str], labelled_ids: Sequence[str], fraction: float,
-                         seed: int) -> tuple[Sequence[str], bool, int]:
-  """Which train images the unlabelled stream reads: (ids, keep, count) for `_stream`.
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+  """What the training streams read and how they prepare it (a run's data fields).
 
-  The images not labelled (all of them when every image is labelled, as in the reference),
-  or a seeded `fraction` of those.
+  num_labels, min_classes, num_classes: the labelled subset (see splits.select_labelled);
+    num_labels 0 labels every train image.
+  partial: '' for full labels, else the partial-label mode.
+  crop_size: (height, width) of training crops.
+  scale_range: (low, high) random rescale factor for labelled images.
+  labelled_batch, unlabelled_batch: GLOBAL batch sizes, multiples of the process count.
+  seed: run seed; the same seed gives the same batches.
+  labelled_pool: the ids the labelled subset is drawn from (e.g. the 1,464 images of VOC's
+    original train list, the PseudoSeg partition of the ReCo paper's Table 2); None = every
+    train image. The unlabelled images are still all the others.
+  unlabelled_fraction: in (0, 1]: a seeded subset of this fraction of the unlabelled images
+    is used (ReCo paper Fig. 7c).
+  hue_jitter: the largest hue shift of the labelled images' colour jitter, in turns.
+  subset: how the labelled subset is drawn, one of `names.SUBSETS` (see
+    `splits.labelled_subset`).
+  labelled_photometric: False gives the labelled images rescale, crop and flip only (no
+    colour jitter or blur), as UniMatch's authors do.
   """
-  all_labelled = len(labelled_ids) == len(ids)
-  if fraction < 1.0:
-    chosen = set(labelled_ids)
-    pool = ids if all_labelled else [i for i in ids if i not in chosen]
-    u_ids = splits.seeded_fraction(pool, fraction, seed)
-    return u_ids, True, len(u_ids)
-  if all_labelled:
-    return labelled_ids, True, len(labelled_ids)
-  return labelled_ids, False, len(ids) - len(labelled_ids)
+  num_labels: int
+  min_classes: int
+  num_classes: int
+  partial: str
+  crop_size: tuple[int, int]
+  scale_range: tuple[float, float]
+  labelled_batch: int
+  unlabelled_batch: int
+  seed: int
+  labelled_pool: Sequence[str] | None = None
+  unlabelled_fraction: float = 1.0
+  hue_jitter: float = P.JITTER_HUE
+  subset: str = names.SUBSETS[0]
+  labelled_photometric: bool = True
+
+  def __post_init__(self):
+    """Raises ValueError on fields that cannot make a stream."""
+    if self.partial and self.partial not in names.PARTIAL_FRACTIONS:
+      raise ValueError(f"partial must be '' or one of {sorted(names.PARTIAL_FRACTIONS)}, got "
+                       f'{self.partial!r}.')
+    if self.partial and self.num_labels:
+      raise ValueError(f'partial labels use every train image: set num_labels=0 (got '
+                       f'{self.num_labels}) when partial={self.partial!r}.')
+    if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+      raise ValueError(f'crop_size must be (height, width) >= 1, got {self.crop_size}.')
+    object.__setattr__(self, 'crop_size', (int(self.crop_size[0]), int(self.crop_size[1])))
+    if not 0 < self.scale_range[0] <= self.scale_range[1]:
+      raise ValueError(f'scale_range must be (low, high) with 0 < low <= high, got '
+                       f'{self.scale_range}.')
+    if not 0.0 < self.unlabelled_fraction <= 1.0:
+      raise ValueError(f'unlabelled_fraction must be in (0, 1], got '
+                       f'{self.unlabelled_fraction}.')
 
 
-def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_classes: int,
-                    num_classes: int, partial: str, crop_size: tuple[int, int],
-                    scale_range: tuple[float, float], labelled_batch: int,
-                    unlabelled_batch: int, seed: int, process_index: int = 0,
-                    process_count: int = 1, start_batch: int = 0,
-                    labelled_pool: Sequence[str] | None = None,
-                    unlabelled_fraction: float = 1.0,
+@dataclasses.dataclass(frozen=True)
+class _Branch:
+  """One training stream: the images it reads (`_stream`'s selection), its local batch, and
+  prepare(example seed, image uint8 [h, w, 3], label uint8 [h, w, 1], image id) -> batch
+  element."""
+  name: str
+  ids: Sequence[str]
+  keep: bool
+  count: int
+  cache: bool
+  local_batch: int
+  prepare: Callable[..., dict]
+
+
+def _branch_iterator(builder, branch: _Branch, *, seed: int, process_index: int,
+                     process_count: int, start_batch: int) -> Iterator[dict]:
+  """This process's batches of `branch`, from batch `start_batch` on."""
+  branch_seed = derive_seed(seed, branch.name, process_index)
+  ds = _stream(builder, 'train', branch.ids, keep=branch.keep, num_examples=branch.count,
+               cache=branch.cache, seed=branch_seed, process_index=process_index,
+               process_count=process_count).skip(start_batch * branch.local_batch)
+
+  def prepare(position, ex):
+    image, label = _decode(builder, ex)
+    return branch.prepare(_example_seed(branch_seed, position), image, label, ex['image_id'])
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  return iter(tfds.as_numpy(_options(ds.batch(branch.local_batch, drop_remainder=True)
+                                     .prefetch(2))))
+
+
+def train_iterators(builder: tfds.core.DatasetBuilder, data: TrainData, *,
+                    process_index: int = 0, process_count: int = 1, start_batch: int = 0,
                     pseudo_labels: Mapping[str, bytes] | None = None,
-                    hue_jitter: float = P.JITTER_HUE,
-                    subset: str = names.SUBSETS[0],
-                    labelled_photometric: bool = True,
                     ) -> tuple[Iterator[dict], Iterator[dict] | None, list[str]]:
   """Infinite iterators of this process's training batches.
 
@@ -378,63 +274,49 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
   trainer may use in place of pseudo-labels where it is not void.
 
   Args:
-    builder: a prepared TFDS builder (base.prepare) with a 'train' split.
-    num_labels, min_classes, num_classes: the labelled subset (see splits.select_labelled).
-    partial: '' for full labels, else the partial-label mode.
-    crop_size: (height, width) of training crops.
-    scale_range: (low, high) random rescale factor for labelled images.
-    labelled_batch, unlabelled_batch: GLOBAL batch sizes, multiples of process_count.
-    seed: run seed; the same seed gives the same batches.
+    builder: a prepared TFDS builder (reco_jax.data.prepare) with a 'train' split.
+    data: the streams' fields (`TrainData`).
     process_index, process_count: this process and the number of processes.
     start_batch: batches already consumed (a resumed run): the iterators yield exactly what an
       uninterrupted run would yield from that batch on. Skipping happens on encoded examples,
       before decoding and augmentation (each example's augmentation seed is its position).
-    labelled_pool: the ids the labelled subset is drawn from (e.g. the 1,464 images of VOC's
-      original train list, the PseudoSeg partition of the ReCo paper's Table 2); None = every
-      train image. The unlabelled images are still all the others.
-    unlabelled_fraction: in (0, 1]: a seeded subset of this fraction of the unlabelled images
-      is used (ReCo paper Fig. 7c).
     pseudo_labels: {image id: PNG-encoded uint8 label} of train images that join the labelled
       stream with these labels (a model's predictions: method=pseudo_label); their ids must
       not be among the labelled ones. The unlabelled stream is unchanged.
-    hue_jitter: the largest hue shift of the labelled images' colour jitter, in turns.
-    subset: how the labelled subset is drawn, one of `names.SUBSETS` (see `labelled_subset`).
-    labelled_photometric: False gives the labelled images rescale, crop and flip only (no
-      colour jitter or blur), as UniMatch's authors do.
 
   Returns:
     (labelled iterator, unlabelled iterator or None, the labelled image ids in chosen order).
   """
-  if partial and partial not in names.PARTIAL_FRACTIONS:
-    raise ValueError(f"partial must be '' or one of {sorted(names.PARTIAL_FRACTIONS)}, got "
-                     f'{partial!r}.')
-  if partial and num_labels:
-    raise ValueError(f'partial labels use every train image: set num_labels=0 (got '
-                     f'{num_labels}) when partial={partial!r}.')
-  if len(crop_size) != 2 or min(crop_size) < 1:
-    raise ValueError(f'crop_size must be (height, width) >= 1, got {crop_size}.')
-  crop_size = (int(crop_size[0]), int(crop_size[1]))
-  if not 0 < scale_range[0] <= scale_range[1]:
-    raise ValueError(f'scale_range must be (low, high) with 0 < low <= high, got {scale_range}.')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} is not in [0, {process_count}).')
-  local_l = _check_batch('labelled_batch', labelled_batch, process_count)
-  local_u = _check_batch('unlabelled_batch', unlabelled_batch, process_count)
+  local_l = _check_batch('labelled_batch', data.labelled_batch, process_count)
+  local_u = _check_batch('unlabelled_batch', data.unlabelled_batch, process_count)
   if local_l == 0:
     raise ValueError('labelled_batch must be at least the process count.')
   if start_batch < 0:
     raise ValueError(f'start_batch must be >= 0, got {start_batch}.')
-
-  if not 0.0 < unlabelled_fraction <= 1.0:
-    raise ValueError(f'unlabelled_fraction must be in (0, 1], got {unlabelled_fraction}.')
-
   ids, classes = train_ids_and_classes(builder)
-  labelled_ids = labelled_subset(ids, classes, num_labels, min_classes=min_classes,
-                                 num_classes=num_classes, seed=seed,
-                                 labelled_pool=labelled_pool, subset=subset)
+  labelled_ids = splits.labelled_subset(
+      ids, classes, data.num_labels, min_classes=data.min_classes,
+      num_classes=data.num_classes, seed=data.seed, labelled_pool=data.labelled_pool,
+      subset=data.subset)
+  where = dict(seed=data.seed, process_index=process_index, process_count=process_count,
+               start_batch=start_batch)
+  labelled = _branch_iterator(builder, _labelled_branch(data, ids, labelled_ids, pseudo_labels,
+                                                        local_l), **where)
+  unlabelled = None
+  if local_u:
+    unlabelled = _branch_iterator(builder, _unlabelled_branch(data, ids, labelled_ids, local_u),
+                                  **where)
+  return labelled, unlabelled, labelled_ids
+
+
+def _labelled_branch(data: TrainData, ids, labelled_ids, pseudo_labels, local_batch) -> _Branch:
+  """The labelled images (and the pseudo-labelled ones), with the labelled augmentation."""
   stream_ids = list(labelled_ids)
+  pseudo_fn = None
   if pseudo_labels:
-    if partial:
+    if data.partial:
       raise ValueError('pseudo_labels and partial labels cannot be combined.')
     clash = sorted(set(pseudo_labels) & set(labelled_ids))
     unknown = sorted(set(pseudo_labels) - set(ids))
@@ -443,54 +325,45 @@ def train_iterators(builder: tfds.core.DatasetBuilder, *, num_labels: int, min_c
                        f'labelled: {clash[:5]}, not in the train split: {unknown[:5]}.')
     stream_ids += sorted(pseudo_labels)
     pseudo_fn = _pseudo_label_fn(pseudo_labels)
-  all_labelled = len(stream_ids) == len(ids)
-  partial_fn = _partial_fn(partial, seed) if partial else None
-  common = dict(process_index=process_index, process_count=process_count)
+  partial_fn = _partial_fn(data.partial, data.seed) if data.partial else None
+
+  def prepare(seed, image, label, image_id):
+    if pseudo_fn:
+      label = pseudo_fn(image_id, label)
+    if partial_fn:
+      label = partial_fn(label, image_id)
+    image, label = image_ops.augment_labelled(
+        image, label, seed, crop_size=data.crop_size, scale_range=data.scale_range,
+        photometric=data.labelled_photometric, hue_jitter=data.hue_jitter)
+    return {'image': normalization.normalize(image), 'label': label}
 
   # A strict subset is small next to the split: cache its encoded bytes rather than scanning
   # the whole split every epoch.
-  l_seed = derive_seed(seed, 'labelled', process_index)
-  labelled = _stream(builder, 'train', stream_ids, keep=True, num_examples=len(stream_ids),
-                     cache=not all_labelled, seed=l_seed, **common).skip(start_batch * local_l)
+  return _Branch('labelled', stream_ids, keep=True, count=len(stream_ids),
+                 cache=len(stream_ids) != len(ids), local_batch=local_batch, prepare=prepare)
 
-  def labelled_map(position, ex):
-    image, label = _decode(builder, ex)
-    if pseudo_labels:
-      label = pseudo_fn(ex['image_id'], label)
+
+def _unlabelled_branch(data: TrainData, ids, labelled_ids, local_batch) -> _Branch:
+  """The unlabelled images (`splits.unlabelled_selection`), padded and randomly cropped; with
+  partial labels, their partial labels cropped with them."""
+  u_ids, keep, count = splits.unlabelled_selection(ids, labelled_ids, data.unlabelled_fraction,
+                                                   data.seed)
+  if count == 0:
+    raise ValueError('unlabelled_batch > 0 but no train image is left unlabelled.')
+  partial_fn = _partial_fn(data.partial, data.seed) if data.partial else None
+
+  def prepare(seed, image, label, image_id):
+    image = tf.image.convert_image_dtype(image, tf.float32)
     if partial_fn:
-      label = partial_fn(label, ex['image_id'])
-    image, label = augment_labelled(image, label, _example_seed(l_seed, position),
-                                    crop_size=crop_size, scale_range=scale_range,
-                                    photometric=labelled_photometric, hue_jitter=hue_jitter)
-    return {'image': normalization.normalize(image), 'label': label}
+      label = partial_fn(label, image_id)
+      image, label = image_ops.random_crop(image, label, seed, data.crop_size)
+      return {'image': normalization.normalize(image),
+              'label': tf.cast(label[..., 0], tf.int32)}
+    image, _ = image_ops.random_crop(image, None, seed, data.crop_size)
+    return {'image': normalization.normalize(image)}
 
-  labelled = labelled.map(labelled_map, num_parallel_calls=tf.data.AUTOTUNE)
-  labelled = _options(labelled.batch(local_l, drop_remainder=True).prefetch(2))
-
-  unlabelled = None
-  if local_u:
-    u_ids, keep, count = unlabelled_selection(ids, labelled_ids, unlabelled_fraction, seed)
-    if count == 0:
-      raise ValueError('unlabelled_batch > 0 but no train image is left unlabelled.')
-    u_seed = derive_seed(seed, 'unlabelled', process_index)
-    unlabelled = _stream(builder, 'train', u_ids, keep=keep, num_examples=count, cache=False,
-                         seed=u_seed, **common).skip(start_batch * local_u)
-
-    def unlabelled_map(position, ex):
-      image, label = _decode(builder, ex)
-      image = tf.image.convert_image_dtype(image, tf.float32)
-      if partial_fn:
-        label = partial_fn(label, ex['image_id'])
-        image, label = random_crop(image, label, _example_seed(u_seed, position), crop_size)
-        return {'image': normalization.normalize(image),
-                'label': tf.cast(label[..., 0], tf.int32)}
-      image, _ = random_crop(image, None, _example_seed(u_seed, position), crop_size)
-      return {'image': normalization.normalize(image)}
-
-    unlabelled = unlabelled.map(unlabelled_map, num_parallel_calls=tf.data.AUTOTUNE)
-    unlabelled = _options(unlabelled.batch(local_u, drop_remainder=True).prefetch(2))
-    unlabelled = iter(tfds.as_numpy(unlabelled))
-  return iter(tfds.as_numpy(labelled)), unlabelled, labelled_ids
+  return _Branch('unlabelled', u_ids, keep=keep, count=count, cache=False,
+                 local_batch=local_batch, prepare=prepare)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,23 +383,6 @@ class EvalBatches:
 
   def __len__(self) -> int:
     return self.num_batches
-
-
-def fit_to_size(image: tf.Tensor, label: tf.Tensor, height: int, width: int):
-  """Pads bottom/right (image reflected, label void) or centre-crops to exactly (height, width).
-
-  image: [h, w, 3] float32; label: [h, w, 1] uint8. The reference pads the same way and
-  random-crops larger images; a centre crop keeps evaluation deterministic (its VOC, Cityscapes
-  and SUN evaluation sizes never crop).
-  """
-  image, label = pad_to_size(image, label, height, width)
-  shape = tf.shape(image)
-  y, x = (shape[0] - height) // 2, (shape[1] - width) // 2
-  image = image[y:y + height, x:x + width]
-  label = label[y:y + height, x:x + width]
-  image.set_shape([height, width, 3])
-  label.set_shape([height, width, 1])
-  return image, label
 
 
 def eval_iterator(builder: tfds.core.DatasetBuilder, *, split: str = 'validation',
@@ -553,7 +409,7 @@ def eval_iterator(builder: tfds.core.DatasetBuilder, *, split: str = 'validation
   def prepare(ex):
     image, label = _decode(builder, ex)
     image = tf.image.convert_image_dtype(image, tf.float32)
-    image, label = fit_to_size(image, label, height, width)
+    image, label = image_ops.fit_to_size(image, label, height, width)
     return {'image': normalization.normalize(image), 'label': tf.cast(label[..., 0], tf.int32),
             'valid': tf.constant(True)}
 

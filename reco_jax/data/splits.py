@@ -199,3 +199,47 @@ def seeded_fraction(ids: Sequence[str], fraction: float, seed: int) -> list[str]
       hashlib.sha256(f'unlabelled_fraction/{seed}'.encode()).digest()[:8], 'little'))
   chosen = set(rng.choice(len(ids), size=count, replace=False).tolist())
   return [i for n, i in enumerate(ids) if n in chosen]
+
+
+def labelled_subset(ids: Sequence[str], classes: Sequence[np.ndarray], num_labels: int, *,
+                    min_classes: int, num_classes: int, seed: int,
+                    labelled_pool: Sequence[str] | None = None,
+                    subset: str = names.SUBSETS[0]) -> list[str]:
+  """The labelled image ids, drawn from `labelled_pool` if given.
+
+  subset: 'class_balanced' (`select_labelled`, ReCo's rule; min_classes and
+  num_classes apply) or 'uniform' (`select_uniform`, Zhao et al.'s; the classes are
+  not looked at).
+  """
+  if subset not in names.SUBSETS:
+    raise ValueError(f'subset={subset!r}: expected one of {names.SUBSETS}.')
+  pool_ids, pool_classes = list(ids), list(classes)
+  if labelled_pool is not None:
+    pool = set(labelled_pool)
+    pool_ids = [i for i in ids if i in pool]
+    pool_classes = [c for i, c in zip(ids, classes) if i in pool]
+    if num_labels > len(pool_ids) or not pool_ids:
+      raise ValueError(f'{num_labels} labelled images requested from a pool of '
+                       f'{len(pool_ids)} train images ({len(pool)} listed); lower num_labels.')
+  if subset == 'uniform':
+    return select_uniform(pool_ids, num_labels, seed=seed)
+  return select_labelled(pool_ids, pool_classes, num_labels, min_classes=min_classes,
+                                num_classes=num_classes, seed=seed)
+
+
+def unlabelled_selection(ids: Sequence[str], labelled_ids: Sequence[str], fraction: float,
+                         seed: int) -> tuple[Sequence[str], bool, int]:
+  """Which train images the unlabelled stream reads: (ids, keep, count) for the pipeline's streams.
+
+  The images not labelled (all of them when every image is labelled, as in the reference),
+  or a seeded `fraction` of those.
+  """
+  all_labelled = len(labelled_ids) == len(ids)
+  if fraction < 1.0:
+    chosen = set(labelled_ids)
+    pool = ids if all_labelled else [i for i in ids if i not in chosen]
+    u_ids = seeded_fraction(pool, fraction, seed)
+    return u_ids, True, len(u_ids)
+  if all_labelled:
+    return labelled_ids, True, len(labelled_ids)
+  return labelled_ids, False, len(ids) - len(labelled_ids)

@@ -13,7 +13,7 @@ Images are resized to 384x512 (height x width) bicubically, the filter of PIL's 
 neighbour, then raw 0 (unlabelled) -> 255 (void) and raw c -> c - 1 (37 classes).
 
 Build once:
-  reco_jax.data.base.prepare('reco_sun_rgbd', data_dir=..., manual_dir='/data/sun_rgbd')
+  reco_jax.data.prepare('reco_sun_rgbd', data_dir=..., manual_dir='/data/sun_rgbd')
 """
 import re
 

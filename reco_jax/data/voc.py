@@ -7,7 +7,7 @@ Images keep their size and are stored as PNG holding the pixels PIL decodes from
 and difficult regions), exactly as SegmentationClassAug holds them.
 
 Build once (the raw files are only read then):
-  reco_jax.data.base.prepare('reco_voc', data_dir=..., manual_dir='/data/voc')
+  reco_jax.data.prepare('reco_voc', data_dir=..., manual_dir='/data/voc')
 """
 from etils import epath
 import tensorflow_datasets as tfds

@@ -18,6 +18,9 @@ the backward pass never touches them again: the gradient of a query's cross-entr
 to its unit vector is (softmax-weighted mean of its keys - positive key) / temperature, computed
 in the forward pass and attached to the value through a stop-gradient surrogate.
 """
+import dataclasses
+from typing import NamedTuple
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -27,13 +30,53 @@ KEY_MODES = ('active', 'random')
 _EPS = 1e-8  # Norm floor of torch.cosine_similarity.
 
 
-def _check_inputs(rep, labels, valid, prob, strong_threshold, temperature, num_queries,
-                  num_negatives, query_mode, key_mode, block_rows):
-  """Raises ValueError on static (shape, dtype, option) problems."""
-  if query_mode not in QUERY_MODES:
-    raise ValueError(f'query_mode must be one of {QUERY_MODES}, got {query_mode!r}.')
-  if key_mode not in KEY_MODES:
-    raise ValueError(f'key_mode must be one of {KEY_MODES}, got {key_mode!r}.')
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the loss samples its queries and keys (the fields of `reco_loss`'s options).
+
+  strong_threshold: delta_s; hard queries have prob[..., c] < delta_s.
+  temperature: tau, for the similarity logits and the class relation graph.
+  num_queries: queries per class, drawn with replacement.
+  num_negatives: negative keys per query.
+  query_mode: 'hard' (prob_c < delta_s), 'random' (all valid pixels of c) or 'easy'
+    (prob_c > delta_s).
+  key_mode: 'active' (class from the relation graph) or 'random' (uniform over the other
+    present classes' valid pixels).
+  shared_negatives: if True, the queries of a class share one set of num_negatives keys
+    (drawn the same way). Much cheaper, but a different estimator: not the reference method.
+  block_rows: query rows whose keys are gathered together (a cache-size knob; no effect on
+    the value).
+  """
+  strong_threshold: float = 0.97
+  temperature: float = 0.5
+  num_queries: int = 256
+  num_negatives: int = 512
+  query_mode: str = 'hard'
+  key_mode: str = 'active'
+  shared_negatives: bool = False
+  block_rows: int = 8
+
+  def __post_init__(self):
+    """Raises ValueError on an option outside its range."""
+    if self.query_mode not in QUERY_MODES:
+      raise ValueError(f'query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}.')
+    if self.key_mode not in KEY_MODES:
+      raise ValueError(f'key_mode must be one of {KEY_MODES}, got {self.key_mode!r}.')
+    if not (isinstance(self.num_queries, int) and self.num_queries >= 1
+            and isinstance(self.num_negatives, int) and self.num_negatives >= 1):
+      raise ValueError(f'num_queries and num_negatives must be positive ints, got '
+                       f'{self.num_queries} and {self.num_negatives}.')
+    if not self.temperature > 0:
+      raise ValueError(f'temperature must be > 0, got {self.temperature}.')
+    if not 0.0 <= self.strong_threshold <= 1.0:
+      raise ValueError(f'strong_threshold is a probability in [0, 1], got '
+                       f'{self.strong_threshold}.')
+    if not (isinstance(self.block_rows, int) and self.block_rows >= 1):
+      raise ValueError(f'block_rows must be a positive int, got {self.block_rows}.')
+
+
+def _check_inputs(rep, labels, valid, prob):
+  """Raises ValueError on shape and dtype problems."""
   if rep.ndim != 4:
     raise ValueError(f'rep must be [B, h, w, m], got shape {rep.shape}.')
   if not jnp.issubdtype(rep.dtype, jnp.floating):
@@ -49,16 +92,6 @@ def _check_inputs(rep, labels, valid, prob, strong_threshold, temperature, num_q
   if prob.ndim != 4 or prob.shape[:3] != rep.shape[:3] or prob.shape[-1] < 1:
     raise ValueError(f'prob must be [B, h, w, C] with [B, h, w] = {rep.shape[:3]}, got '
                      f'{prob.shape}.')
-  if not (isinstance(num_queries, int) and num_queries >= 1 and isinstance(num_negatives, int)
-          and num_negatives >= 1):
-    raise ValueError(f'num_queries and num_negatives must be positive ints, got {num_queries} '
-                     f'and {num_negatives}.')
-  if not temperature > 0:
-    raise ValueError(f'temperature must be > 0, got {temperature}.')
-  if not 0.0 <= strong_threshold <= 1.0:
-    raise ValueError(f'strong_threshold is a probability in [0, 1], got {strong_threshold}.')
-  if not (isinstance(block_rows, int) and block_rows >= 1):
-    raise ValueError(f'block_rows must be a positive int, got {block_rows}.')
 
 
 def _unit(x):
@@ -202,16 +235,8 @@ def reco_loss(key, rep, labels, valid, prob, *, strong_threshold=0.97, temperatu
     valid: [B, h, w] bool; labels outside [0, C) are treated as invalid too. Invalid pixels
       may hold any finite value: it never reaches the value or the gradient.
     prob: [B, h, w, C] class probabilities (no gradient flows into them). C is static.
-    strong_threshold: delta_s; hard queries have prob[..., c] < delta_s.
-    temperature: tau, for the similarity logits and the class relation graph.
-    num_queries: queries per class, drawn with replacement.
-    num_negatives: negative keys per query.
-    query_mode: 'hard' (prob_c < delta_s), 'random' (all valid pixels of c) or 'easy'
-      (prob_c > delta_s).
-    key_mode: 'active' (class from the relation graph) or 'random' (uniform over the other
-      present classes' valid pixels).
-    shared_negatives: if True, the queries of a class share one set of num_negatives keys
-      (drawn the same way). Much cheaper, but a different estimator: not the reference method.
+    strong_threshold, temperature, num_queries, num_negatives, query_mode, key_mode,
+      shared_negatives, block_rows: how queries and keys are sampled (see `Sampling`).
     prototype_stats: optional (sums [C, m], counts [C]) from `class_statistics`, e.g. summed
       across devices, used for the prototypes instead of this batch's. Which classes are present
       (and so V and the key classes) is always decided by this batch.
@@ -224,21 +249,33 @@ def reco_loss(key, rep, labels, valid, prob, *, strong_threshold=0.97, temperatu
       one other class, so with one class in the batch the loss is no longer 0 once the bank
       holds another. A bank holding exactly the batch's valid pixels, each class's in pixel
       order, gives the batch-mode loss and draws. Not with prototype_stats.
-    block_rows: query rows whose keys are gathered together (a cache-size knob; no effect on
-      the value).
 
   Returns:
     float32 scalar. 0 when fewer than two classes are present. Gradients reach rep only at the
     sampled query pixels.
   """
-  return _reco(key, rep, labels, valid, prob, strong_threshold=strong_threshold,
-               temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,
-               query_mode=query_mode, key_mode=key_mode, shared_negatives=shared_negatives,
-               prototype_stats=prototype_stats, bank=bank, block_rows=block_rows)[0]
+  sampling = Sampling(strong_threshold=strong_threshold, temperature=temperature,
+                      num_queries=num_queries, num_negatives=num_negatives,
+                      query_mode=query_mode, key_mode=key_mode,
+                      shared_negatives=shared_negatives, block_rows=block_rows)
+  return _reco(key, rep, labels, valid, prob, sampling, prototype_stats=prototype_stats,
+               bank=bank)[0]
 
 
-def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_queries,
-          num_negatives, query_mode, key_mode, shared_negatives, prototype_stats, block_rows,
+class _KeySet(NamedTuple):
+  """What queries are contrasted with: a [P, m] table of keys, their inverse norms [P], the
+  unit class prototypes [C, m] (the positive keys), and the counting-sort layout of the keys
+  by class (order [P], count [C], offset [C]: class c's keys are rows
+  order[offset[c] : offset[c] + count[c]])."""
+  table: jax.Array
+  inv_norm: jax.Array
+  proto_unit: jax.Array
+  order: jax.Array
+  count: jax.Array
+  offset: jax.Array
+
+
+def _reco(key, rep, labels, valid, prob, sampling: Sampling, *, prototype_stats=None,
           bank=None, return_samples=False):
   """`reco_loss`, plus (if return_samples) the sampled pixel indices into the flattened batch.
 
@@ -247,8 +284,7 @@ def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_q
   With a bank, key indices point into its flattened [C * K] entries (C * K when inactive).
   """
   rep, labels, valid, prob = (jnp.asarray(x) for x in (rep, labels, valid, prob))
-  _check_inputs(rep, labels, valid, prob, strong_threshold, temperature, num_queries,
-                num_negatives, query_mode, key_mode, block_rows)
+  _check_inputs(rep, labels, valid, prob)
   num_classes = prob.shape[-1]
   m = rep.shape[-1]
   num_pixels = rep.shape[0] * rep.shape[1] * rep.shape[2]
@@ -265,97 +301,123 @@ def _reco(key, rep, labels, valid, prob, *, strong_threshold, temperature, num_q
   p_own = jnp.take_along_axis(prob, jnp.minimum(cls, num_classes - 1)[:, None], axis=1)[:, 0]
 
   if bank is None:
-    # Inverse norms of the (stop-gradient) key table. Invalid pixels are never drawn as keys;
-    # a huge value there squares to inf, which the mask drops.
-    table_sg = lax.stop_gradient(table)
-    sq = jnp.where(ok, jnp.sum(jnp.square(table_sg.astype(jnp.float32)), axis=-1), 1.0)
-    inv_norm = lax.rsqrt(jnp.maximum(sq, _EPS * _EPS))
-
-    if prototype_stats is None:
-      proto_sum, proto_count = class_statistics(rep, labels, valid, num_classes)
-    else:
-      proto_sum, proto_count = (lax.stop_gradient(jnp.asarray(s, jnp.float32))
-                                for s in prototype_stats)
-      if proto_sum.shape != (num_classes, m) or proto_count.shape != (num_classes,):
-        raise ValueError(f'prototype_stats must be (sums [{num_classes}, {m}], counts '
-                         f'[{num_classes}]) as from class_statistics, got {proto_sum.shape} '
-                         f'and {proto_count.shape}.')
-    proto_unit = _unit(proto_sum / jnp.maximum(proto_count, 1.0)[:, None])
-
-    key_order, key_count, key_offset = _sort_by_class(cls, num_classes)
-    present = key_count > 0
-    num_present = jnp.sum(present.astype(jnp.int32))
-    num_divisor = num_present
+    keys = _batch_keys(table, ok, cls, rep, labels, valid, num_classes, prototype_stats)
   else:
     if prototype_stats is not None:
       raise ValueError('prototype_stats and bank exclude each other: with a bank the '
                        'prototypes are the means of its entries.')
-    table_sg, inv_norm, proto_unit, key_order, key_count, key_offset = _bank_keys(
-        bank, num_classes, m)
-    # Classes with keys (the bank's) decide the negatives; V counts this batch's classes.
-    present = key_count > 0
-    num_present = jnp.sum(present.astype(jnp.int32))
-    in_batch = jnp.bincount(cls, length=num_classes + 1)[:num_classes] > 0
-    num_divisor = jnp.sum(in_batch.astype(jnp.int32))
-  num_keys = key_order.shape[0]
+    keys = _bank_keys(bank, num_classes, m)
+  # Classes with keys decide the negatives; V (the divisor) counts this batch's classes.
+  present = keys.count > 0
+  num_present = jnp.sum(present.astype(jnp.int32))
+  in_batch = jnp.bincount(cls, length=num_classes + 1)[:num_classes] > 0
+  num_divisor = jnp.sum(in_batch.astype(jnp.int32))
 
-  if query_mode == 'hard':
-    eligible = ok & (p_own < strong_threshold)
-  elif query_mode == 'easy':
-    eligible = ok & (p_own > strong_threshold)
-  else:
-    eligible = ok
-  query_order, query_count, query_offset = _sort_by_class(
-      jnp.where(eligible, cls, num_classes), num_classes)
-  class_active = present & (query_count > 0) & (num_present >= 2)
-  if bank is not None:
-    class_active = class_active & in_batch
-
-  neg_prob = _negative_class_probs(proto_unit, key_count, present, temperature, key_mode)
-  neg_cdf = jnp.cumsum(neg_prob, axis=1)
-  neg_last = jnp.max(jnp.where(neg_prob > 0, jnp.arange(num_classes), 0), axis=1)
-
-  key_q, key_neg = jax.random.split(key)
-  classes = jnp.arange(num_classes)
-  bits = jax.random.bits(key_q, (num_classes, num_queries), jnp.uint32)
-  query_idx = _draw_in_class(bits, classes[:, None], query_order, query_count, query_offset)
-  # Inactive rows read index num_pixels, which mode='fill' turns into zeros: no invalid pixel
-  # value ever enters the arithmetic.
-  query_idx = jnp.where(class_active[:, None], query_idx, num_pixels)
+  query_idx, class_active = _draw_queries(key, sampling, ok, cls, p_own, present, num_present,
+                                          in_batch, num_pixels, num_classes)
   query = table.at[query_idx].get(mode='fill', fill_value=0).astype(jnp.float32)
   q_unit = _unit(query)  # [C, Q, m], differentiable.
   q_unit_sg = lax.stop_gradient(q_unit)
-
-  def gather_keys(idx):
-    return (table_sg.at[idx].get(mode='fill', fill_value=0),
-            inv_norm.at[idx].get(mode='fill', fill_value=0))
-
-  if shared_negatives:
-    uk = jax.random.bits(key_neg, (2, num_classes, num_negatives), jnp.uint32)
-    neg_cls = _draw_negative_classes(_to_unit_float(uk[0]), neg_cdf, neg_last)
-    idx = _draw_in_class(uk[1], neg_cls, key_order, key_count, key_offset)
-    key_idx = jnp.where(class_active[:, None], idx, num_keys)
-    keys, scale = gather_keys(key_idx)
-    loss, mean_key = _contrast_rows(q_unit_sg, proto_unit[:, None], keys, scale, temperature,
-                                    shared=True)
-  else:
-    loss, mean_key, key_idx = _per_query_negatives(
-        key_neg, q_unit_sg, proto_unit, class_active, neg_cdf, neg_last, key_order, key_count,
-        key_offset, gather_keys, num_negatives, temperature, block_rows, return_samples)
+  loss, mean_key, key_idx = _contrast_with_negatives(
+      jax.random.split(key)[1], sampling, keys, q_unit_sg, present, class_active,
+      return_samples)
 
   active = class_active[:, None]
   loss = jnp.where(active, loss, 0.0)
-  step = jnp.where(active[..., None], (mean_key - proto_unit[:, None]) / temperature, 0.0)
+  step = jnp.where(active[..., None],
+                   (mean_key - keys.proto_unit[:, None]) / sampling.temperature, 0.0)
   # Value: the loss; gradient w.r.t. q_unit: (weighted mean key - positive) / temperature.
   loss = loss + jnp.sum((q_unit - q_unit_sg) * step, axis=-1)
-  per_class = jnp.sum(loss, axis=1) / num_queries
+  per_class = jnp.sum(loss, axis=1) / sampling.num_queries
   total = jnp.where(num_present >= 2, jnp.sum(per_class) / jnp.maximum(num_divisor, 1), 0.0)
   samples = {'query': query_idx, 'key': key_idx} if return_samples else None
   return total, samples
 
 
-def _bank_keys(bank, num_classes, m):
-  """The key set of a bank: (table, inverse norms, unit prototypes, order, count, offset).
+def _draw_queries(key, sampling: Sampling, ok, cls, p_own, present, num_present, in_batch,
+                  num_pixels, num_classes):
+  """(query pixel indices int32 [C, Q], class_active bool [C]).
+
+  A class is active when it has keys, eligible queries (by sampling.query_mode) and a second
+  class with keys, and is in the batch. Inactive rows hold index num_pixels, which mode='fill'
+  gathers turn into zeros: no invalid pixel value ever enters the arithmetic.
+  """
+  if sampling.query_mode == 'hard':
+    eligible = ok & (p_own < sampling.strong_threshold)
+  elif sampling.query_mode == 'easy':
+    eligible = ok & (p_own > sampling.strong_threshold)
+  else:
+    eligible = ok
+  order, count, offset = _sort_by_class(jnp.where(eligible, cls, num_classes), num_classes)
+  class_active = present & (count > 0) & (num_present >= 2) & in_batch
+  key_q, _ = jax.random.split(key)
+  bits = jax.random.bits(key_q, (num_classes, sampling.num_queries), jnp.uint32)
+  query_idx = _draw_in_class(bits, jnp.arange(num_classes)[:, None], order, count, offset)
+  return jnp.where(class_active[:, None], query_idx, num_pixels), class_active
+
+
+def _contrast_with_negatives(key_neg, sampling: Sampling, keys: _KeySet, q_unit_sg, present,
+                             class_active, return_samples):
+  """Draws the negative keys of every query and contrasts it with them and its positive.
+
+  Returns loss [C, Q], the softmax-weighted mean key [C, Q, m] and the key indices (see
+  `_reco`'s samples; None unless return_samples or shared negatives).
+  """
+  num_classes = keys.count.shape[0]
+  num_keys = keys.order.shape[0]
+  neg_prob = _negative_class_probs(keys.proto_unit, keys.count, present, sampling.temperature,
+                                   sampling.key_mode)
+  neg_cdf = jnp.cumsum(neg_prob, axis=1)
+  neg_last = jnp.max(jnp.where(neg_prob > 0, jnp.arange(num_classes), 0), axis=1)
+
+  def gather_keys(idx):
+    return (keys.table.at[idx].get(mode='fill', fill_value=0),
+            keys.inv_norm.at[idx].get(mode='fill', fill_value=0))
+
+  if sampling.shared_negatives:
+    uk = jax.random.bits(key_neg, (2, num_classes, sampling.num_negatives), jnp.uint32)
+    neg_cls = _draw_negative_classes(_to_unit_float(uk[0]), neg_cdf, neg_last)
+    idx = _draw_in_class(uk[1], neg_cls, keys.order, keys.count, keys.offset)
+    key_idx = jnp.where(class_active[:, None], idx, num_keys)
+    table, scale = gather_keys(key_idx)
+    loss, mean_key = _contrast_rows(q_unit_sg, keys.proto_unit[:, None], table, scale,
+                                    sampling.temperature, shared=True)
+    return loss, mean_key, key_idx
+  return _per_query_negatives(
+      key_neg, q_unit_sg, keys.proto_unit, class_active, neg_cdf, neg_last, keys.order,
+      keys.count, keys.offset, gather_keys, sampling.num_negatives, sampling.temperature,
+      sampling.block_rows, return_samples)
+
+
+def _batch_keys(table, ok, cls, rep, labels, valid, num_classes, prototype_stats) -> _KeySet:
+  """The key set of a batch: its valid pixels, by class; the prototypes are the class means
+  of this batch's representations, or of `prototype_stats` (sums [C, m], counts [C]).
+
+  table: [P, m] the batch's representations; ok: bool [P] valid pixels; cls: int32 [P] their
+  classes (num_classes where invalid).
+  """
+  m = table.shape[-1]
+  # Inverse norms of the (stop-gradient) key table. Invalid pixels are never drawn as keys;
+  # a huge value there squares to inf, which the mask drops.
+  table_sg = lax.stop_gradient(table)
+  sq = jnp.where(ok, jnp.sum(jnp.square(table_sg.astype(jnp.float32)), axis=-1), 1.0)
+  inv_norm = lax.rsqrt(jnp.maximum(sq, _EPS * _EPS))
+  if prototype_stats is None:
+    proto_sum, proto_count = class_statistics(rep, labels, valid, num_classes)
+  else:
+    proto_sum, proto_count = (lax.stop_gradient(jnp.asarray(s, jnp.float32))
+                              for s in prototype_stats)
+    if proto_sum.shape != (num_classes, m) or proto_count.shape != (num_classes,):
+      raise ValueError(f'prototype_stats must be (sums [{num_classes}, {m}], counts '
+                       f'[{num_classes}]) as from class_statistics, got {proto_sum.shape} '
+                       f'and {proto_count.shape}.')
+  proto_unit = _unit(proto_sum / jnp.maximum(proto_count, 1.0)[:, None])
+  order, count, offset = _sort_by_class(cls, num_classes)
+  return _KeySet(table_sg, inv_norm, proto_unit, order, count, offset)
+
+
+def _bank_keys(bank, num_classes, m) -> _KeySet:
+  """The key set of a bank: its filled entries, by class; the prototypes are their means.
 
   bank: {'keys': [C, K, m] float, 'count': [C] int, ...}; entries k >= count[c] are empty.
   Entries of class c are rows c * K + [0, count[c]) of the [C * K, m] table (entries are
@@ -377,7 +439,7 @@ def _bank_keys(bank, num_classes, m):
   proto_unit = _unit(jnp.sum(keys, axis=1) / jnp.maximum(count, 1)[:, None])
   order = jnp.arange(num_classes * size, dtype=jnp.int32)
   offset = jnp.arange(num_classes, dtype=jnp.int32) * size
-  return keys.reshape(-1, m), inv_norm, proto_unit, order, count, offset
+  return _KeySet(keys.reshape(-1, m), inv_norm, proto_unit, order, count, offset)
 
 
 def _per_query_negatives(key, q_unit, proto_unit, class_active, neg_cdf, neg_last, key_order,

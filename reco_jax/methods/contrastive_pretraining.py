@@ -32,11 +32,10 @@ import numpy as np
 
 from reco_jax import names
 from reco_jax import normalization
-from reco_jax import parallel
-from reco_jax import relations
 from reco_jax import state as state_lib
 from reco_jax.losses import pixel_contrast
 from reco_jax.methods import common
+from reco_jax.methods import interface
 from reco_jax.semi import augment
 
 BRANCHES = (2, 0)  # Every image of the step is labelled: 2 x batch_size, as supervised runs.
@@ -190,47 +189,13 @@ def _overlay(target: dict, source: dict, path: str) -> dict:
   return target
 
 
-def make_probe_step(config: ml_collections.ConfigDict, network: PretrainingNetwork,
-                    mesh: jax.sharding.Mesh | None = None):
-  """Jitted probe_step(variables, batch, totals) -> totals: per-class sums float32 [C, D] and
-  pixel counts float32 [C] of the eval-mode embeddings of an eval batch ({'image', 'label',
-  'valid'}), labels resized to the embedding map with nearest. network: with
-  embedding_size None (the decoder resolution), so evaluation images of any size work.
-  """
-  num_classes = int(config.num_classes)
-
-  def probe_step(variables, batch, totals):
-    embeddings = network.apply(variables, batch['image'], train=False)
-    sums, counts = relations.class_statistics(embeddings, batch['label'], batch.get('valid'),
-                                              num_classes)
-    return totals[0] + sums, totals[1] + counts
-
-  out = parallel.replicated(mesh) if mesh is not None else None
-  return jax.jit(probe_step, donate_argnums=2, out_shardings=out)
+def probe_embedding(network: PretrainingNetwork):
+  """embed(variables, images) -> {'P': the eval-mode embeddings}, for the embedding probe
+  (`class_stats.make_stats_step`, `class_stats.embedding_probe`). network: with
+  embedding_size None (the decoder resolution), so evaluation images of any size work."""
+  return lambda variables, images: {'P': network.apply(variables, images, train=False)}
 
 
-def probe_totals(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
-  """Zero totals for `make_probe_step`."""
-  totals = (jnp.zeros((int(config.num_classes), int(config.projection_dims[-1])), jnp.float32),
-            jnp.zeros((int(config.num_classes),), jnp.float32))
-  return jax.device_put(totals, parallel.replicated(mesh)) if mesh is not None else totals
-
-
-def embedding_probe(sums: np.ndarray, counts: np.ndarray) -> dict[str, float]:
-  """Mean cosine similarity of pixel pairs of one class and of two classes.
-
-  sums float [C, D] and counts [C] of unit embeddings per class (e.g. over the validation
-  pixels). For unit vectors the mean over all pairs (i, j) of classes c and d of f_i . f_j is
-  m_c . m_d, m_c the class mean; within = mean over present classes of |m_c|^2 (pairs include
-  i = j), between = mean over pairs of distinct present classes of m_c . m_d. Pretraining that
-  works drives within up and between down.
-  """
-  counts = np.asarray(counts, np.float64)
-  present = counts > 0
-  means = np.asarray(sums, np.float64)[present] / counts[present][:, None]
-  gram = means @ means.T
-  k = len(means)
-  within = float(np.mean(np.diag(gram))) if k else float('nan')
-  between = float((gram.sum() - np.trace(gram)) / (k * (k - 1))) if k > 1 else float('nan')
-  return {'within_class_cosine': within, 'between_class_cosine': between,
-          'cosine_gap': within - between}
+METHOD = interface.Method(
+    name='contrastive_pretraining', branches=BRANCHES, loss_parts=LOSS_PARTS,
+    train_step=train_step, eval_variables=eval_variables)

@@ -28,6 +28,7 @@ from reco_jax import state as state_lib
 from reco_jax.losses import reco_recipe
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
+from reco_jax.methods import interface
 from reco_jax.semi import augment
 from reco_jax.semi import mixing
 from reco_jax.semi import rescale
@@ -158,3 +159,8 @@ def train_step(state: state_lib.TrainState, batch, key: jax.Array, *, model_fn,
 def eval_variables(state: state_lib.TrainState) -> dict:
   """The teacher is the model that is evaluated and kept."""
   return state.teacher_variables()
+
+
+METHOD = interface.Method(
+    name='mean_teacher', branches=BRANCHES, loss_parts=LOSS_PARTS, train_step=train_step,
+    eval_variables=eval_variables)

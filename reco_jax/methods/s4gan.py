@@ -51,6 +51,7 @@ from reco_jax import state as state_lib
 from reco_jax.losses import reco_recipe
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
+from reco_jax.methods import interface
 from reco_jax.models import discriminator as discriminator_lib
 
 # A supervised and a "real" labelled half of batch_size images each, batch_size unlabelled.
@@ -303,3 +304,8 @@ def train_step(state: state_lib.TrainState, batch, key: jax.Array, *, model_fn,
 def eval_variables(state: state_lib.TrainState) -> dict:
   """The student is the model."""
   return state.student_variables()
+
+
+METHOD = interface.Method(
+    name='s4gan', branches=BRANCHES, loss_parts=LOSS_PARTS, train_step=train_step,
+    eval_variables=eval_variables, init_extras=init_extras, check_config=check_config)

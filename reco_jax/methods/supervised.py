@@ -13,6 +13,7 @@ from reco_jax import state as state_lib
 from reco_jax.losses import reco_recipe
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
+from reco_jax.methods import interface
 
 # 2 x batch_size labelled images, as the reference's supervised runs.
 BRANCHES = (2, 0)
@@ -63,3 +64,8 @@ def train_step(state: state_lib.TrainState, batch, key: jax.Array, *, model_fn,
 def eval_variables(state: state_lib.TrainState) -> dict:
   """The student is the model."""
   return state.student_variables()
+
+
+METHOD = interface.Method(
+    name='supervised', branches=BRANCHES, loss_parts=LOSS_PARTS, train_step=train_step,
+    eval_variables=eval_variables)

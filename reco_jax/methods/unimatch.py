@@ -53,6 +53,7 @@ from reco_jax import state as state_lib
 from reco_jax.losses import reco_recipe
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
+from reco_jax.methods import interface
 from reco_jax.semi import augment
 from reco_jax.semi import mixing
 from reco_jax.semi import rescale
@@ -268,3 +269,9 @@ def train_step(state: state_lib.TrainState, batch, key: jax.Array, *, model_fn,
 def eval_variables(state: state_lib.TrainState) -> dict:
   """One network: the student is the model."""
   return state.student_variables()
+
+
+METHOD = interface.Method(
+    name='unimatch', branches=BRANCHES, loss_parts=LOSS_PARTS, train_step=train_step,
+    eval_variables=eval_variables, check_config=check_config,
+    config_overrides=config_overrides, labelled_photometric=LABELLED_PHOTOMETRIC)

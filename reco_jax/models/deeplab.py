@@ -195,3 +195,28 @@ def build_model(name: str, **kwargs) -> nn.Module:
   if isinstance(kwargs.get('dtype'), str):
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])  # Configs may say 'bfloat16'.
   return cls(**kwargs)
+
+
+# The DeepLabV3+ fields a config carries that DeepLabV2 (output stride 8, no ASPP or decoder)
+# does not take; dropped for it so that one config serves both models.
+_DEEPLABV3P_ONLY = ('output_stride', 'aspp_dim', 'low_level_dim', 'head_dim')
+
+
+def model_from_config(config, *, features_only: bool = False) -> nn.Module:
+  """The model of a run's config: config.model.name selects it, its other keys are its fields.
+
+  features_only: the network up to its last feature map before the classifier (pretraining).
+  """
+  kwargs = dict(config.model.to_dict())
+  name = kwargs.pop('name')
+  if name == 'deeplabv2':
+    for key in _DEEPLABV3P_ONLY:
+      kwargs.pop(key, None)
+  kwargs['dtype'] = jnp.dtype(kwargs.get('dtype', 'float32'))
+  if features_only:
+    kwargs['features_only'] = True
+  try:
+    return build_model(name, num_classes=config.num_classes, **kwargs)
+  except TypeError as e:
+    raise ValueError(f'config.model has a key the {name} model does not take ({e}); its '
+                     f'fields are those of deeplab.{MODELS[name].__name__}.') from e
