@@ -9,6 +9,14 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a training config, with Pascal VOC values of the paper as defaults."""
   c = ml_collections.ConfigDict()
+  for fields in (_data_fields, _training_fields, _reco_fields, _baseline_fields,
+                 _pretraining_fields, _schedule_fields):
+    fields(c)
+  return c
+
+
+def _data_fields(c: ml_collections.ConfigDict) -> None:
+  """The dataset, the labelled and unlabelled images, crops and batches."""
   c.dataset = 'reco_voc'
   c.data_dir = ''
   c.manual_dir = ''
@@ -30,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 2 x batch_size labelled images, as the reference's supervised runs.
   c.batch_size = 10
   c.eval_batch_size = 4
+
+
+def _training_fields(c: ml_collections.ConfigDict) -> None:
+  """The method, the model, where it starts, and the optimiser."""
   c.method = 'classmix'
   c.reco = True
   # model.dtype: the compute dtype of convolutions and matmuls, 'float32' or 'bfloat16' (the
@@ -51,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   # The largest hue shift (in turns) of the colour jitter of labelled and mixed images; the
   # reference's 0.25. Lower it for data whose classes differ by hue.
   c.hue_jitter = 0.25
+
+
+def _reco_fields(c: ml_collections.ConfigDict) -> None:
+  """ReCo's loss and sampling, and the confidence thresholds of the Mean Teacher methods."""
   c.strong_threshold = 0.97
   c.weak_threshold = 0.7
   c.reco_temperature = 0.5
@@ -68,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   # forward pass) so that only one pass's activations are held at a time; same gradients, less
   # memory with ReCo (see benchmarks/README.md).
   c.recompute_labelled = False
+
+
+def _baseline_fields(c: ml_collections.ConfigDict) -> None:
+  """The settings of S4GAN and UniMatch."""
   # S4GAN (method=s4gan; Mittal et al., the authors' train_s4GAN.py): the segmentation loss
   # is CE + s4gan_fm_weight x feature matching + s4gan_st_weight x self-training on the
   # unlabelled images whose discriminator score exceeds s4gan_threshold (the authors' 0.6 for
@@ -82,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
   # UniMatch (method=unimatch; Yang et al., the authors' unimatch.py): its pseudo-labels count
   # where their confidence is >= unimatch_threshold (the authors' 0.95).
   c.unimatch_threshold = 0.95
+
+
+def _pretraining_fields(c: ml_collections.ConfigDict) -> None:
+  """Zhao et al.'s contrastive pretraining and pseudo-label stages."""
   # Label-based contrastive pretraining (Zhao et al., ICCV 2021): 'within' or 'cross' runs a
   # pretraining stage of pretrain_steps on the labelled images before training (workdir
   # sub-folders pretrain/ and finetune/, see reco_jax/stages.py). The paper fixes the loss and
@@ -105,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
   # method=pseudo_label (Zhao et al., supplementary section 2): pixels of the first model's
   # predictions on the unlabelled images whose confidence is below this become void.
   c.pseudo_label_threshold = 0.0
+
+
+def _schedule_fields(c: ml_collections.ConfigDict) -> None:
+  """Steps, logging, evaluation and checkpoint cadences, and the seed."""
   c.num_train_steps = 40000
   c.log_every_steps = 50
   c.eval_every_steps = 1000
@@ -112,4 +140,3 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_image_summaries = 4
   c.seed = 0
-  return c

@@ -5,6 +5,9 @@ names are the keys of the registry in `reco_jax.methods`.
 """
 # The ignore label of every dataset (the reference maps it to -1).
 VOID = 255
+# The evaluation scalar of a run: what the trainer logs and keeps its best checkpoint by, and
+# what the tools read.
+MIOU_TAG = 'eval/miou'
 
 # Partial-label modes (ReCo paper section 4.3): the fraction of each class's pixels kept per
 # image; 'p0' keeps a single pixel.

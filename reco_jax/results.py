@@ -29,13 +29,15 @@ from absl import flags
 from absl import logging
 from etils import epath
 
+from reco_jax import methods
 from reco_jax import names
 from reco_jax import stages
 from reco_jax import workdir as workdir_lib
 
-MIOU_TAG = 'eval/miou'
-# Table 1's row order.
-METHODS = ('supervised', 's4gan', 'pseudo_label', 'cutout', 'cutmix', 'classmix', 'unimatch')
+MIOU_TAG = names.MIOU_TAG
+# Table 1's row order, then every other method of the registry in its order.
+METHODS = tuple(dict.fromkeys(('supervised', 's4gan', 'pseudo_label', 'cutout', 'cutmix',
+                               'classmix', *methods.METHODS)))
 METHOD_NAMES = {'supervised': 'Supervised', 's4gan': 'S4GAN', 'pseudo_label': 'Pseudo-label',
                 'cutout': 'CutOut', 'cutmix': 'CutMix', 'classmix': 'ClassMix',
                 'unimatch': 'UniMatch'}

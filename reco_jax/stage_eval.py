@@ -7,6 +7,7 @@ stage): the embedding probe of `class_stats.embedding_probe`.
 """
 from reco_jax import class_stats
 from reco_jax import evaluation
+from reco_jax import names
 from reco_jax import relations
 from reco_jax import steps
 from reco_jax.methods import contrastive_pretraining
@@ -41,7 +42,7 @@ class SegmentationEval:
                                                  self.mesh, config.num_classes)
     miou = evaluation.mean_iou(confusion)
     iou = evaluation.iou_from_confusion(confusion)
-    scalars = {'eval/miou': miou, 'eval/pixel_accuracy': evaluation.pixel_accuracy(confusion)}
+    scalars = {names.MIOU_TAG: miou, 'eval/pixel_accuracy': evaluation.pixel_accuracy(confusion)}
     scalars.update({f'eval/iou/{name}': float(v) for name, v in zip(self.class_names, iou)})
     writer.write_scalars(done, scalars)
     if first is not None and config.num_image_summaries:

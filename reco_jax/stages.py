@@ -21,6 +21,9 @@ from etils import epath
 import ml_collections
 
 TRAIN, PRETRAIN, PSEUDO_LABELS = 'train', 'pretrain', 'pseudo_labels'
+# Config methods that are plans of stages rather than methods, and the method their training
+# stages use: method=pseudo_label is Zhao et al.'s self-training (`plan`).
+STAGE_PLANS = {'pseudo_label': 'supervised'}
 # Written at the top of a run of several stages: their folders and kinds, and the final one.
 STAGES_FILE = 'stages.json'
 
@@ -75,13 +78,13 @@ def _training(config, prefix: str, *, method: str, pseudo: str | None,
 
 def plan(config: ml_collections.ConfigDict) -> list[Stage]:
   """The stages of config's run, in order (see the module docstring)."""
-  if config.method != 'pseudo_label':
+  if config.method not in STAGE_PLANS:
     return _training(config, '', method=config.method, pseudo=None, single_folder='')
-  first = _training(config, 'stage0', method='supervised', pseudo=None, single_folder='')
+  method = STAGE_PLANS[config.method]  # pseudo_label: self-training with `method`.
+  first = _training(config, 'stage0', method=method, pseudo=None, single_folder='')
   labeller = Stage(PSEUDO_LABELS, PSEUDO_LABELS, first[-1].config,
                    pseudo_labels=first[-1].folder)
-  final = _training(config, '', method='supervised', pseudo=PSEUDO_LABELS,
-                    single_folder='train')
+  final = _training(config, '', method=method, pseudo=PSEUDO_LABELS, single_folder='train')
   return first + [labeller] + final
 
 

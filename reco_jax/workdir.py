@@ -21,14 +21,15 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from reco_jax import names
 from reco_jax import stages
-from reco_jax.models import deeplab
 from reco_jax import state as state_lib
+from reco_jax.models import deeplab
 
 CONFIG_FILE = 'config.json'
 CHECKPOINTS = 'checkpoints'
 BEST_CHECKPOINTS = 'checkpoints_best'
-BEST_METRIC = 'eval/miou'
+BEST_METRIC = names.MIOU_TAG
 # The evaluation split is the first of these the dataset has (as in reco_jax.train).
 
 

@@ -7,9 +7,9 @@ from PIL import Image
 
 import fake_raw
 from configs import folder as folder_config
+from reco_jax import data as data_lib
 from reco_jax import own_data
 from reco_jax import train
-from reco_jax import data as data_lib
 from reco_jax.data import base
 from reco_jax.data import splits
 

@@ -13,6 +13,43 @@ import numpy as np
 from reco_jax import names
 
 
+def _eligible(ids, classes, num_labels, min_classes, num_classes):
+  """Checks `select_labelled`'s inputs; returns (the sorted ids of images with at least
+  min_classes classes, {id: its classes}), or (every id sorted, {}) when num_labels == 0."""
+  if len(ids) != len(classes):
+    raise ValueError(f'select_labelled: got {len(ids)} ids but {len(classes)} class lists; pass '
+                     'one list of present classes per id.')
+  if len(set(ids)) != len(ids):
+    raise ValueError('select_labelled: image ids must be unique.')
+  if num_labels < 0:
+    raise ValueError(f'select_labelled: num_labels must be >= 0 (0 = all images), got '
+                     f'{num_labels}.')
+  if min_classes < 1 or num_classes <= 0:
+    raise ValueError(f'select_labelled: need min_classes >= 1 and num_classes > 0, got '
+                     f'{min_classes} and {num_classes}.')
+  if num_labels == 0:
+    return sorted(ids), {}
+  if num_labels > len(ids):
+    raise ValueError(f'labels={num_labels} asks for {num_labels} labelled images but the '
+                     f'split has only {len(ids)}; use labels=0 for all of them, or a smaller '
+                     'labels=N.')
+
+  present = {}
+  for image_id, image_classes in zip(ids, classes):
+    c = np.unique(np.asarray(image_classes, np.int64))
+    c = c[c != names.VOID]
+    if c.size and (c.min() < 0 or c.max() >= num_classes):
+      raise ValueError(f'select_labelled: {image_id} has classes {c.tolist()} outside 0..'
+                       f'{num_classes - 1} (and 255 for void); check num_classes.')
+    present[image_id] = c
+  eligible = [i for i in sorted(ids) if present[i].size >= min_classes]
+  if len(eligible) < num_labels:
+    raise ValueError(f'select_labelled: asked for {num_labels} labelled images with at least '
+                     f'{min_classes} classes each, but only {len(eligible)} of the {len(ids)} '
+                     'images have that many; ask for fewer labels or lower min_classes.')
+  return eligible, present
+
+
 def select_labelled(ids: Sequence[str], classes: Sequence[Sequence[int]], num_labels: int, *,
                     min_classes: int, num_classes: int, seed: int) -> list[str]:
   """Chooses `num_labels` images to keep labelled, balancing classes as ReCo does.
@@ -41,37 +78,9 @@ def select_labelled(ids: Sequence[str], classes: Sequence[Sequence[int]], num_la
     ValueError: on inconsistent inputs, or when fewer than `num_labels` images have
       `min_classes` classes (the request cannot be met).
   """
-  if len(ids) != len(classes):
-    raise ValueError(f'select_labelled: got {len(ids)} ids but {len(classes)} class lists; pass '
-                     'one list of present classes per id.')
-  if len(set(ids)) != len(ids):
-    raise ValueError('select_labelled: image ids must be unique.')
-  if num_labels < 0:
-    raise ValueError(f'select_labelled: num_labels must be >= 0 (0 = all images), got '
-                     f'{num_labels}.')
-  if min_classes < 1 or num_classes <= 0:
-    raise ValueError(f'select_labelled: need min_classes >= 1 and num_classes > 0, got '
-                     f'{min_classes} and {num_classes}.')
+  eligible, present = _eligible(ids, classes, num_labels, min_classes, num_classes)
   if num_labels == 0:
-    return sorted(ids)
-  if num_labels > len(ids):
-    raise ValueError(f'labels={num_labels} asks for {num_labels} labelled images but the '
-                     f'split has only {len(ids)}; use labels=0 for all of them, or a smaller '
-                     'labels=N.')
-
-  present = {}
-  for image_id, image_classes in zip(ids, classes):
-    c = np.unique(np.asarray(image_classes, np.int64))
-    c = c[c != names.VOID]
-    if c.size and (c.min() < 0 or c.max() >= num_classes):
-      raise ValueError(f'select_labelled: {image_id} has classes {c.tolist()} outside 0..'
-                       f'{num_classes - 1} (and 255 for void); check num_classes.')
-    present[image_id] = c
-  eligible = [i for i in sorted(ids) if present[i].size >= min_classes]
-  if len(eligible) < num_labels:
-    raise ValueError(f'select_labelled: asked for {num_labels} labelled images with at least '
-                     f'{min_classes} classes each, but only {len(eligible)} of the {len(ids)} '
-                     'images have that many; ask for fewer labels or lower min_classes.')
+    return eligible
 
   rng = np.random.default_rng(seed)
   pending = [eligible[k] for k in rng.permutation(len(eligible))]

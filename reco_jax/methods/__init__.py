@@ -20,10 +20,10 @@ _REGISTRY = {
     'classmix': 'mean_teacher',
     's4gan': 's4gan',
     'unimatch': 'unimatch',
-    # Not a method but a plan of stages (reco_jax.stages.plan): Zhao et al.'s self-training, whose
-    # two training stages are supervised (the second on labelled + pseudo-labelled images).
-    'pseudo_label': 'supervised',
 }
+# Plans of stages (`stages.STAGE_PLANS`, e.g. pseudo_label) are config methods too: `get` gives
+# the method their training stages use.
+_REGISTRY.update({plan: _REGISTRY[method] for plan, method in stages.STAGE_PLANS.items()})
 METHODS = tuple(_REGISTRY)
 
 
