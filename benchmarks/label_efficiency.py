@@ -274,7 +274,8 @@ def _provenance(store: dict[str, dict]) -> list[str]:
     minutes = [e['minutes'] for e in entries if e.get('minutes')]
     time_ = (f'; {sum(minutes):.0f} min of run time (median {np.median(minutes):.1f})'
              if minutes else '')
-    lines.append(f'- {date}, {len(entries)} runs: `{command}`, {context}{time_}.')
+    runs = f'{len(entries)} run' + 's' * (len(entries) != 1)
+    lines.append(f'- {date}, {runs}: `{command}`, {context}{time_}.')
   return lines
 
 

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from reco_jax import methods
-from reco_jax import names
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax.methods import common
@@ -46,9 +45,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
       unlabelled images), confident_fraction (share of those pixels >= strong_threshold) and
       teacher_decay; S4GAN's are listed in `reco_jax.methods.s4gan.train_step`.
   """
-  if config.partial not in names.PARTIALS:
-    raise ValueError(f"config.partial must be '' or one of {names.PARTIALS[1:]}, got "
-                     f'{config.partial!r}.')
   method = method or methods.get(config.method)
   step = functools.partial(method.train_step, model_fn=model.apply, mesh=mesh, config=config)
   replicated = parallel.replicated(mesh)
