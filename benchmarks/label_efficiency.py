@@ -359,8 +359,8 @@ def _length_study(store: dict[str, dict], last: int) -> list[str]:
       continue
     lines += ['', f'Pretraining length ({labels} labels, seed {seed}; 0 = no pretraining): '
               'eval mIoU (%) after fine-tuning, and the embedding probe on the validation '
-              'pixels at the end of pretraining (mean cosine similarity of a pixel\'s embedding '
-              'to its own class\'s mean embedding and to the other classes\').', '',
+              'pixels at the end of pretraining (the mean cosine similarity of the embeddings of '
+              'two pixels of one class, and of two pixels of different classes).', '',
               '| pretraining steps | mIoU | within-class cosine | between-class cosine | gap |',
               '|---|---|---|---|---|']
     for steps, e in sorted(row.items()):

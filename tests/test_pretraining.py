@@ -1,6 +1,8 @@
 """Contrastive pretraining (Zhao et al.) and the staged runs: step, fine-tuning start, resume,
 pseudo-labels, config errors."""
+import importlib.util
 import json
+import pathlib
 import shutil
 import types
 
@@ -346,3 +348,42 @@ def test_unsupported_combinations_are_clear_errors(arg, match):
 def test_unknown_pretraining_mode_is_a_clear_error():
   with pytest.raises(ValueError, match="pretrain='simclr'.*expected one of"):
     toy.get_config('pretrain=simclr')
+
+
+def _pretraining_probe():
+  path = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'pretraining_probe.py'
+  spec = importlib.util.spec_from_file_location('pretraining_probe', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_linear_probe_separates_separable_features_and_not_noise():
+  probe = _pretraining_probe()
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, 600)
+  features = rng.normal(size=(600, 4)).astype(np.float32)
+  separable = features + 4.0 * np.eye(4, dtype=np.float32)[labels]
+  train, val = slice(0, 400), slice(400, 600)
+  assert probe.linear_probe_miou((separable[train], labels[train]),
+                                 (separable[val], labels[val]), 3) > 95
+  assert probe.linear_probe_miou((features[train], labels[train]),
+                                 (features[val], labels[val]), 3) < 50
+
+
+def test_the_frozen_feature_probe_reads_a_staged_run(staged_run):
+  """benchmarks/pretraining_probe.py restores the pretraining stage's start and end, and its
+  embedding probe is the trainer's eval/cosine_gap at the end of pretraining."""
+  probe = _pretraining_probe()
+  _, workdir, _ = staged_run
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  config, network, variables = probe._networks(workdir, mesh)  # pylint: disable=protected-access
+  start, end = variables.values()
+  assert max(np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in zip(
+      jax.tree.leaves(start['params']), jax.tree.leaves(end['params']))) > 0
+  builder = data_lib.prepare_for_config(config)
+  batches = pipeline.eval_iterator(builder, split='validation', eval_size=tuple(config.eval_size),
+                                   batch_size=config.eval_batch_size)
+  logged, _ = results.read_scalars(workdir / 'pretrain', ['eval/cosine_gap'])
+  assert probe.cosine_gaps(network, end, batches, config, mesh) == pytest.approx(
+      logged['eval/cosine_gap'][STEPS], abs=1e-4)
