@@ -87,8 +87,6 @@ def global_batches(mesh, labelled, unlabelled) -> Iterator[dict]:
     yield queue.popleft()
 
 
-
-
 def labelled_ids(config, builder) -> list[str]:
   """The labelled subset of config, as the input pipeline draws it."""
   ids, classes = pipeline.train_ids_and_classes(builder)

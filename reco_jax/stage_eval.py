@@ -23,7 +23,6 @@ def relation_image(config, mesh, embed, stats_step, variables, eval_batches, cla
   return relations.relation_image(means['R'], class_names, f'representation R, step {step}')
 
 
-
 class SegmentationEval:
   """Evaluation of a segmentation stage: mIoU, per-class IoU, example panels, relations."""
 

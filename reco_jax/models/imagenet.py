@@ -83,7 +83,6 @@ SOURCES = {
 UNPINNED_REVISION = 'main'
 
 
-
 @dataclasses.dataclass(frozen=True)
 class InitialWeights:
   """What config.init_weights resolves to: a file or directory to load, or None (scratch)."""
