@@ -26,7 +26,7 @@ def relation_image(config, mesh, embed, stats_step, variables, eval_batches, cla
 class SegmentationEval:
   """Evaluation of a segmentation stage: mIoU, per-class IoU, example panels, relations."""
 
-  def __init__(self, config, model, mesh, builder, class_names):
+  def __init__(self, config, model, mesh, class_names):
     self.config, self.model, self.mesh, self.class_names = config, model, mesh, class_names
     self.eval_step = steps.make_eval_step(config, model, mesh)
     self.query_fn = relations.make_query_maps_fn(model)

@@ -221,8 +221,7 @@ def _train_stage(stage: stages.Stage, run_dir: epath.Path, workdir: epath.Path, 
       config=config, console=console, checkpoints=checkpoints, writer=writer, preempt=preempt,
       train_step=steps.make_train_step(config, model, mesh, method=method),
       evaluate=(stage_eval.ProbeEval(config, model, mesh) if pretraining else
-                stage_eval.SegmentationEval(config, model, mesh, builder,
-                                            base.class_names(builder))),
+                stage_eval.SegmentationEval(config, model, mesh, base.class_names(builder))),
       eval_batches=inputs.eval_stream(config, builder),
       log=_TrainLog(writer, console, sum(inputs.branch_sizes(config, method.branches))))
   try:
