@@ -83,8 +83,8 @@ def test_all_labels_column_and_pretraining_length_table():
   probe = {'within_class_cosine': 0.5, 'between_class_cosine': 0.1, 'cosine_gap': 0.4}
   store['supervised_pretrain_l30_s0'] = _entry('supervised_pretrain', 30, 0, {2000: 0.3},
                                                probe={'pretrain': probe})
-  store['supervised_pretrain_p2000_l30_s0'] = _entry(
-      'supervised_pretrain_p2000', 30, 0, {2000: 0.35},
+  store['supervised_pretrain_p5000_l30_s0'] = _entry(
+      'supervised_pretrain_p5000', 30, 0, {2000: 0.35},
       probe={'pretrain': {k: v / 2 for k, v in probe.items()}})
   lines, scores, methods, budgets = le.report(store, 1, 'store.json')
   text = '\n'.join(lines)
@@ -97,8 +97,8 @@ def test_all_labels_column_and_pretraining_length_table():
   # The longer pretraining has its own table, not a row of the main one.
   assert 'pretraining steps |' not in text.split('Per-seed')[0]
   assert '| 0 | 20.0 |  |  |  |' in text
-  assert '| 500 | 30.0 | 0.500 | 0.100 | 0.400 |' in text
-  assert '| 2,000 | 35.0 | 0.250 | 0.050 | 0.200 |' in text
+  assert '| 2,000 | 30.0 | 0.500 | 0.100 | 0.400 |' in text  # the toy's default length
+  assert '| 5,000 | 35.0 | 0.250 | 0.050 | 0.200 |' in text
 
 
 def test_parts_select_budgets_seeds_and_all_labels():
@@ -106,9 +106,9 @@ def test_parts_select_budgets_seeds_and_all_labels():
   names = [r.name for r in runs]
   assert {n for n in names if n.startswith('supervised_pretrain_l')} == {
       f'supervised_pretrain_l{b}_s{s}' for b in (30, 100, 0) for s in (0, 1)}
-  assert len(names) == len(set(names))  # the 500-step run is in both pretraining parts
+  assert len(names) == len(set(names))  # the toy's default run is in both pretraining parts
   assert [n for n in names if 'pretrain_p' in n] == [
-      'supervised_pretrain_p2000_l30_s0', 'supervised_pretrain_p5000_l30_s0']
+      'supervised_pretrain_p500_l30_s0', 'supervised_pretrain_p5000_l30_s0']
   assert {n for n in names if n.startswith('pseudo')} == {
       'pseudo_label_l30_s0', 'pseudo_label_l30_s1',
       'pseudo_label_pretrain_l30_s0', 'pseudo_label_pretrain_l30_s1'}
