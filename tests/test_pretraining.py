@@ -139,7 +139,7 @@ def test_stage_plans():
   assert [s.folder for s in plan] == ['stage0/pretrain', 'stage0/finetune', 'pseudo_labels',
                                       'pretrain', 'finetune']
   assert [s.config.method for s in plan if s.kind == 'train'] == ['supervised'] * 2
-  assert plan[0].config.num_train_steps == plan[0].config.pretrain_steps == 500
+  assert plan[0].config.num_train_steps == plan[0].config.pretrain_steps == 2000
   assert plan[2].pseudo_labels == 'stage0/finetune'
   assert plan[3].pseudo_labels == plan[4].pseudo_labels == 'pseudo_labels'
   assert plan[4].init_from == 'pretrain' and plan[1].init_from == 'stage0/pretrain'
