@@ -1,5 +1,6 @@
 """Shared test setup: several simulated CPU devices, set before any device use."""
 import os
+import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Unoptimised CPU code generation: the tests' programs are compiled far more than they are run.
@@ -9,6 +10,7 @@ os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_backend_optimization_level=0',
                                     '--xla_llvm_disable_expensive_passes=true']).strip()
 
+import filelock  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -55,11 +57,21 @@ from reco_jax import data as data_lib  # noqa: E402
 from reco_jax import parallel  # noqa: E402
 
 
+def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
+  """A folder that every xdist worker of this session shares (each worker has its own basetemp
+  beneath the session's)."""
+  base = tmp_path_factory.getbasetemp()
+  path = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
 @pytest.fixture(scope='session')
 def toy_data_dir(tmp_path_factory):
-  """TFDS dir holding the 48/12-image 'reco_toy/tiny' dataset."""
-  data_dir = tmp_path_factory.getbasetemp() / 'toy_tfds'
-  data_lib.prepare('reco_toy/tiny', str(data_dir))
+  """TFDS dir holding the 48/12-image 'reco_toy/tiny' dataset, built once per session."""
+  data_dir = session_dir(tmp_path_factory, 'toy_tfds')
+  with filelock.FileLock(data_dir.with_suffix('.lock')):  # one worker builds, the others wait
+    data_lib.prepare('reco_toy/tiny', str(data_dir))
   return str(data_dir)
 
 

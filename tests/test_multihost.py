@@ -9,7 +9,6 @@ import sys
 import pytest
 import tensorflow as tf
 
-from reco_jax import data as data_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -20,19 +19,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / 'toy_tfds'  # shared with the other training tests
-  data_lib.prepare('reco_toy/tiny', str(path))
-  return str(path)
-
-
 def _logged(pattern, text):
   return re.findall(pattern, text)
 
 
 @pytest.mark.slow
-def test_two_process_run_completes_and_processes_agree(data_dir, tmp_path):
+def test_two_process_run_completes_and_processes_agree(toy_data_dir, tmp_path):
   workdir = tmp_path / 'run'
   port = _free_port()
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
@@ -40,7 +32,7 @@ def test_two_process_run_completes_and_processes_agree(data_dir, tmp_path):
   # Supervised + ReCo: the per-device ReCo (shard_map) spans both processes' devices.
   command = [sys.executable, '-m', 'reco_jax.main',
              '--config=configs/toy.py:runlocal,method=supervised,reco=True',
-             f'--config.data_dir={data_dir}', '--config.num_train_steps=2',
+             f'--config.data_dir={toy_data_dir}', '--config.num_train_steps=2',
              '--config.log_every_steps=1', '--config.eval_every_steps=2',
              '--config.checkpoint_every_steps=2', f'--workdir={workdir}',
              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--alsologtostderr',

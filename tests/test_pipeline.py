@@ -14,10 +14,8 @@ NUM_CLASSES = toy.NUM_CLASSES
 
 
 @pytest.fixture(scope='module')
-def builder(tmp_path_factory):
-  b = tfds.builder('reco_toy/tiny', data_dir=str(tmp_path_factory.mktemp('tfds')))
-  b.download_and_prepare()
-  return b
+def builder(toy_data_dir):
+  return tfds.builder('reco_toy/tiny', data_dir=toy_data_dir)
 
 
 _STREAM_ARGS = ('process_index', 'process_count', 'start_batch', 'pseudo_labels')

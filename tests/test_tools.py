@@ -51,17 +51,15 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def toy_run(tmp_path_factory):
+def toy_run(toy_data_dir, tmp_path_factory):
   """(config, workdir) of a finished runlocal toy run (evaluated at steps 5 and 10).
 
   Mean Teacher with CutOut and no ReCo: a semi-supervised run (the teacher is evaluated) whose
   train step compiles in half the time of ClassMix + ReCo; the model, its representation
   head included, is the same.
   """
-  data_dir = tmp_path_factory.getbasetemp() / 'toy_tfds'
-  data_lib.prepare('reco_toy/tiny', str(data_dir))
   config = toy.get_config('runlocal,method=cutout,reco=False')
-  config.data_dir = str(data_dir)
+  config.data_dir = toy_data_dir
   config.num_image_summaries = 0  # The trainer's image summaries are not the tools' concern.
   workdir = tmp_path_factory.mktemp('toy_run')
   train.train_and_evaluate(config, str(workdir))
