@@ -66,6 +66,28 @@ def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
   return path
 
 
+# Under `-n auto`, a module whose tests share a trained run (a module fixture) is one unit of
+# work, so that one worker trains it once; every other test is a unit of its own. Units with the
+# most tests go first.
+SHARED_RUN_MODULES = ('test_train.py', 'test_tools.py', 'test_pretraining.py')
+
+try:
+  from xdist.scheduler import LoadScopeScheduling  # noqa: E402
+except ImportError:  # the suite also runs without xdist, on one process
+  LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+  class _SharedRunScheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      module = nodeid.split('::', 1)[0]
+      return module if module.rsplit('/', 1)[-1] in SHARED_RUN_MODULES else nodeid
+
+  def pytest_xdist_make_scheduler(config, log):
+    return _SharedRunScheduling(config, log)
+
+
 @pytest.fixture(scope='session')
 def toy_data_dir(tmp_path_factory):
   """TFDS dir holding the 48/12-image 'reco_toy/tiny' dataset, built once per session."""

@@ -1,5 +1,6 @@
 """End-to-end training on a tiny toy dataset: outputs, exact resume, NaN handling, errors."""
 import dataclasses
+import gc
 import json
 import os
 import pathlib
@@ -171,6 +172,9 @@ def test_a_second_trainer_on_a_workdir_is_refused(full_run, toy_data_dir, tmp_pa
   assert int(train.train_and_evaluate(config, str(busy)).step) == config.num_train_steps
 
 
+# Orbax's restores of the truncated checkpoint leave read coroutines that were never awaited;
+# they are collected at the end of this test (not in the next one), and their warnings ignored.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_path, capsys):
   config, workdir, state = full_run
   broken = _killed_copy(workdir, tmp_path, 'broken')
@@ -190,6 +194,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_
   # Moved aside, not deleted; the run reached the uninterrupted run's state.
   assert (broken / workdir_lib.FAILED_CHECKPOINTS / str(TOY_STEPS)).is_dir()
   _assert_same_state(state, resumed)
+  gc.collect()
 
 
 def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(full_run, tmp_path, monkeypatch):
