@@ -1,6 +1,5 @@
 """End-to-end training on a tiny toy dataset: outputs, exact resume, NaN handling, errors."""
 import dataclasses
-import gc
 import json
 import os
 import pathlib
@@ -26,6 +25,10 @@ from reco_jax import workdir as workdir_lib
 from reco_jax.models import deeplab
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The unawaited Orbax reads of test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before.
+ORBAX_UNAWAITED_READS = ('ignore:Exception ignored in. <coroutine object '
+                         '_read_array_index_and_device_put:pytest.PytestUnraisableExceptionWarning')
+pytestmark = pytest.mark.filterwarnings(ORBAX_UNAWAITED_READS)
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -172,8 +175,9 @@ def test_a_second_trainer_on_a_workdir_is_refused(full_run, toy_data_dir, tmp_pa
   assert int(train.train_and_evaluate(config, str(busy)).step) == config.num_train_steps
 
 
-# Orbax's restores of the truncated checkpoint leave read coroutines that were never awaited;
-# they are collected at the end of this test (not in the next one), and their warnings ignored.
+# Orbax's restores of the truncated checkpoint leave read coroutines that are never awaited
+# (and a callback on a closed event loop): Python reports them when it collects them, in this
+# test or a later one of this module (ORBAX_UNAWAITED_READS).
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_path, capsys):
   config, workdir, state = full_run
@@ -194,7 +198,6 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_
   # Moved aside, not deleted; the run reached the uninterrupted run's state.
   assert (broken / workdir_lib.FAILED_CHECKPOINTS / str(TOY_STEPS)).is_dir()
   _assert_same_state(state, resumed)
-  gc.collect()
 
 
 def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(full_run, tmp_path, monkeypatch):
