@@ -66,10 +66,14 @@ def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
   return path
 
 
-# Under `-n auto`, a module whose tests share a trained run (a module fixture) is one unit of
-# work, so that one worker trains it once; every other test is a unit of its own. Units with the
-# most tests go first.
+# Under `-n auto`, tests that share work in a process are one unit, which one worker runs:
+# a module whose tests share a trained run (a module fixture), so that it is trained once; the
+# modules whose tests compile the same train steps (`helpers.compile_step`: the golden configs),
+# so that each compiles once. Every other test is a unit of its own. Units with the most tests
+# go first.
 SHARED_RUN_MODULES = ('test_train.py', 'test_tools.py', 'test_pretraining.py')
+SHARED_STEP_MODULES = ('test_golden_steps.py', 'test_steps.py', 'test_parallel_equivalence.py',
+                       'test_unimatch.py')
 
 try:
   from xdist.scheduler import LoadScopeScheduling  # noqa: E402
@@ -78,14 +82,17 @@ except ImportError:  # the suite also runs without xdist, on one process
 
 if LoadScopeScheduling is not None:
 
-  class _SharedRunScheduling(LoadScopeScheduling):
+  class _SharedWorkScheduling(LoadScopeScheduling):
 
     def _split_scope(self, nodeid):
       module = nodeid.split('::', 1)[0]
-      return module if module.rsplit('/', 1)[-1] in SHARED_RUN_MODULES else nodeid
+      name = module.rsplit('/', 1)[-1]
+      if name in SHARED_STEP_MODULES:
+        return 'shared train steps'
+      return module if name in SHARED_RUN_MODULES else nodeid
 
   def pytest_xdist_make_scheduler(config, log):
-    return _SharedRunScheduling(config, log)
+    return _SharedWorkScheduling(config, log)
 
 
 @pytest.fixture(scope='session')

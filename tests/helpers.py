@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from configs import toy
 from reco_jax import defaults
+from reco_jax import methods
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import steps
@@ -31,19 +32,26 @@ SIZE = 33
 BATCH = 4
 
 
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict({
-      'num_classes': NUM_CLASSES, 'partial': '', 'batch_size': BATCH,
-      'method': 'classmix', 'reco': False, 'init_weights': '',
-      'optimizer': {'learning_rate': 2.5e-3, 'momentum': 0.9, 'nesterov': True,
-                    'weight_decay': 5e-4, 'poly_power': 0.9, 'min_learning_rate': 1e-6},
-      'num_train_steps': 100, 'ema_decay': 0.99, 'scale_range': (0.75, 1.25), 'hue_jitter': 0.25,
-      # Low thresholds: an untrained 3-class model is rarely 97% sure of anything.
-      'strong_threshold': 0.5, 'weak_threshold': 0.4,
-      'reco_temperature': 0.5, 'num_queries': 8, 'num_negatives': 16,
-      'query_mode': 'hard', 'key_mode': 'active', 'average_prototypes': False,
-      'recompute_labelled': False,
-  })
+def tiny_config(method='classmix', reco=False, partial='', recompute_labelled=False,
+                **overrides) -> ml_collections.ConfigDict:
+  """The step tests' config, with which tests/golden_steps.json was written.
+
+  The method's own optimiser comes with it (`config_overrides`: UniMatch's, with a 10x head as
+  on VOC). Tests that ask for the same config share one compiled step (`compile_step`).
+  """
+  config = defaults.base_config()
+  config.update(dict(
+      num_classes=NUM_CLASSES, batch_size=BATCH, method=method, reco=reco, partial=partial,
+      recompute_labelled=recompute_labelled, num_train_steps=100, scale_range=(0.75, 1.25),
+      # Low thresholds: an untrained 3-class model is rarely 97 % sure of anything.
+      strong_threshold=0.5, weak_threshold=0.4, num_queries=8, num_negatives=16,
+      # An untrained discriminator scores about 0.5: some images are self-trained on.
+      s4gan_threshold=0.4,
+      # UniMatch's threshold as low, for the same reason.
+      unimatch_threshold=0.4))
+  method_overrides = methods.get(method).config_overrides
+  if method_overrides:
+    config.optimizer.update(method_overrides(defaults.base_config())['optimizer'])
   config.update(overrides)
   return config
 
@@ -73,16 +81,47 @@ def make_batch(seed=0, partial=False, batch=BATCH, supervised=False):
 
 
 _COMPILED = {}
+_OPTIMIZERS = {}
+
+
+def uncached_step(config, model, mesh, state, batch, key):
+  return steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
 
 
 def compile_step(config, model, mesh, state, batch, key):
-  """The compiled train step, shared by the tests (and test files) that use the same setup."""
+  """The compiled train step, shared by the tests (and test files) that use the same setup.
+
+  States from `step_state` for equal configs have equal structures, so their steps compile
+  once in a process.
+  """
   cache_key = (config.to_json(), tuple(d.id for d in mesh.devices.flat),
-               jax.tree.structure((state, batch)))
+               jax.tree.structure((state, batch)),
+               tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)))
   if cache_key not in _COMPILED:
-    _COMPILED[cache_key] = steps.make_train_step(config, model, mesh).lower(
-        state, batch, key).compile()
+    _COMPILED[cache_key] = uncached_step(config, model, mesh, state, batch, key)
   return _COMPILED[cache_key]
+
+
+def step_state(config, mesh):
+  """A fresh state of `config`'s step on `mesh`, from the shared initial student and teacher.
+
+  The method's extras are initialised (e.g. S4GAN's discriminator, with a key of their own),
+  and the optimiser is config's, with a zero optimiser state; its object is shared by equal
+  configs. The learning-rate schedule that the metrics report stays the shared state's (the
+  golden values were written so).
+  """
+  _, initial = shared_model_and_state()
+  initial = host(initial)
+  init_extras = methods.get(config.method).init_extras
+  if init_extras is not None:
+    initial = initial.replace(extras=host(init_extras(
+        config, jax.random.fold_in(jax.random.key(0), 1), initial)))
+  state = jax.device_put(jax.tree.map(jnp.asarray, initial), parallel.replicated(mesh))
+  name = config.to_json()
+  if name not in _OPTIMIZERS:
+    _OPTIMIZERS[name] = state_lib.make_optimizer(config)
+  tx = _OPTIMIZERS[name]
+  return state.replace(tx=tx, opt_state=tx.init(state.params))
 
 
 def max_abs_diff(a, b):

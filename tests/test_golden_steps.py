@@ -25,7 +25,6 @@ import os
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -33,9 +32,8 @@ from configs import common
 from reco_jax import methods
 from reco_jax import parallel
 from reco_jax import photometric
-from reco_jax import state as state_lib
-from reco_jax import steps
-from reco_jax.models import deeplab
+import helpers
+from helpers import BATCH, NUM_CLASSES, SIZE
 import tolerances
 
 GOLDEN = pathlib.Path(__file__).with_name('golden_steps.json')
@@ -44,7 +42,7 @@ CHANGE = os.environ.get('RECO_JAX_GOLDEN_CHANGE', '')
 if CHANGE not in ('', 'grey') or (CHANGE and WRITE):
   raise ValueError(f"RECO_JAX_GOLDEN_CHANGE must be 'grey' (and is never written), got "
                    f'{CHANGE!r}.')
-NUM_CLASSES, SIZE, BATCH, NUM_STEPS = 3, 33, 4, 3
+NUM_STEPS = 3
 # A machine whose step 1 is bit-identical reduces in the golden order: a few ulps over 3 steps.
 SAME_ORDER = 1e-6
 
@@ -72,23 +70,6 @@ CASES = [
 def case_name(method, reco, partial, recompute, devices):
   return (f'{method}{"+reco" if reco else ""}{"/" + partial if partial else ""}'
           f'{"/recompute" if recompute else ""}@{devices}')
-
-
-def golden_config(method, reco, partial, recompute):
-  config = common.base_config()
-  config.update(dict(
-      num_classes=NUM_CLASSES, batch_size=BATCH, method=method, reco=reco, partial=partial,
-      recompute_labelled=recompute, num_train_steps=100, scale_range=(0.75, 1.25),
-      # Low thresholds: an untrained 3-class model is rarely 97 % sure of anything.
-      strong_threshold=0.5, weak_threshold=0.4, num_queries=8, num_negatives=16,
-      # An untrained discriminator scores about 0.5: some images are self-trained on.
-      s4gan_threshold=0.4,
-      # UniMatch's threshold as low, for the same reason.
-      unimatch_threshold=0.4))
-  overrides = methods.get(method).config_overrides
-  if overrides:  # The method's own optimiser (UniMatch's, with a 10x head as on VOC).
-    config.optimizer.update(overrides(common.base_config())['optimizer'])
-  return config
 
 
 def golden_batch(partial, supervised, unlabelled_batches=1):
@@ -121,30 +102,19 @@ def fingerprint(tree):
   return [float(flat.sum()), float(np.abs(flat).sum()), float((flat * weights).sum())]
 
 
-@pytest.fixture(scope='module')
-def initial_state():
-  model = deeplab.DeepLabV3Plus(num_classes=NUM_CLASSES, backbone='resnet_tiny', rep_dim=8,
-                                aspp_dim=8, low_level_dim=4, head_dim=8)
-  state = state_lib.create_train_state(golden_config('supervised', False, '', False), model,
-                                       jax.random.key(0), (SIZE, SIZE, 3))
-  return model, jax.tree.map(np.asarray, state)
-
-
-def run_case(model, initial, case):
+def run_case(case):
   *switches, devices = case
-  config = golden_config(*switches)
+  config = helpers.tiny_config(*switches)
   mesh = parallel.make_mesh(jax.devices()[:devices])
-  init_extras = methods.get(config.method).init_extras
-  if init_extras is not None:  # e.g. S4GAN's discriminator, beside the shared student
-    initial = initial.replace(extras=jax.tree.map(np.asarray, init_extras(
-        config, jax.random.fold_in(jax.random.key(0), 1), initial)))
-  state = jax.device_put(jax.tree.map(jnp.asarray, initial), parallel.replicated(mesh))
-  tx = state_lib.make_optimizer(config)  # A fresh optimiser state: the method's may differ.
-  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  model, _ = helpers.shared_model_and_state()
+  state = helpers.step_state(config, mesh)
   batch = parallel.shard_batch(mesh, golden_batch(
       bool(case[2]), case[0] == 'supervised', methods.get(config.method).branches[1]))
   key = jax.random.key(7)
-  step = steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
+  # The step tests compile these configs too: one compilation serves both, unless a constant
+  # was changed for this module alone.
+  compile_step = helpers.uncached_step if CHANGE else helpers.compile_step
+  step = compile_step(config, model, mesh, state, batch, key)
   history = []
   for _ in range(NUM_STEPS):
     state, metrics = step(state, batch, key)
@@ -163,12 +133,11 @@ def test_golden_cases_cover_every_method():
 
 
 @pytest.mark.parametrize('case', CASES, ids=[case_name(*case) for case in CASES])
-def test_step_reproduces_golden_values(initial_state, case, monkeypatch):
-  model, initial = initial_state
+def test_step_reproduces_golden_values(case, monkeypatch):
   name = case_name(*case)
   if CHANGE == 'grey':
     monkeypatch.setattr(photometric, 'GREY_WEIGHTS', (0.2126, 0.7152, 0.0722))
-  result = run_case(model, initial, case)
+  result = run_case(case)
   if WRITE:
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
     golden[name] = result

@@ -79,16 +79,21 @@ def test_pretraining_step_loss_is_the_standalone_loss(mode):
       state, parallel.shard_batch(mesh, batch), key)
   # The same loss by hand: the step's keys, both views in one training-mode pass, the loss
   # function of losses/pixel_contrast.py on the embeddings.
-  k_view, _, k_loss = jax.random.split(jax.random.fold_in(key, 0), 3)
   images, labels = batch['labelled']['image'], batch['labelled']['label']
-  views = jnp.concatenate([images, cp.distort(k_view, images, config)])
-  embeddings, _ = network.apply(variables, views, train=True, mutable=['batch_stats'])
+  n = len(images)
+
+  @jax.jit  # one program, not hundreds of single operations
+  def by_hand(variables):
+    k_view, _, k_loss = jax.random.split(jax.random.fold_in(key, 0), 3)
+    views = jnp.concatenate([images, cp.distort(k_view, images, config)])
+    embeddings, _ = network.apply(variables, views, train=True, mutable=['batch_stats'])
+    return embeddings, pixel_contrast.two_view_loss(
+        k_loss, embeddings[:n], embeddings[n:], labels, labels, mode=mode, temperature=0.07)
+
+  embeddings, expected = by_hand(variables)
   assert embeddings.shape == (2 * len(images), *cp.embedding_size(config),
                               config.projection_dims[-1])
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
-  n = len(images)
-  expected = pixel_contrast.two_view_loss(
-      k_loss, embeddings[:n], embeddings[n:], labels, labels, mode=mode, temperature=0.07)
   np.testing.assert_allclose(float(metrics['contrast_loss']), float(expected), rtol=2e-5)
   assert float(metrics['contrast_loss']) > 0
 
@@ -266,13 +271,17 @@ def test_pseudo_labels_are_the_models_predictions(toy_data_dir, tmp_path):
   pseudo_labels.write(folder, config, model, variables, builder, ids, source='test')
   stored = pseudo_labels.read(folder)
   assert sorted(stored) == sorted(ids) and not (folder / 'stale').exists()
+
+  @jax.jit
+  def probabilities(x):
+    logits, _ = model.apply(variables, x, train=False)
+    return jax.nn.softmax(steps.common.upsample(logits, config.eval_size), -1)[0]
+
   for image_id, image in pipeline.decoded_images(builder, ids):
     label = pseudo_labels.decode(stored[image_id])
     assert label.shape == image.shape[:2]  # full resolution
     # The model on the image padded to eval_size, argmax, void below the threshold.
-    x = inference.preprocess(image, config.eval_size)[None]
-    logits, _ = model.apply(variables, x, train=False)
-    prob = jax.nn.softmax(steps.common.upsample(logits, config.eval_size), -1)[0]
+    prob = probabilities(inference.preprocess(image, config.eval_size)[None])
     expected = np.where(np.max(prob, -1) >= 0.15, np.argmax(prob, -1), 255)
     np.testing.assert_array_equal(label, expected[:image.shape[0], :image.shape[1]])
 

@@ -2,6 +2,8 @@
 
 A tiny DeepLabV3+ on 33x33 images with three classes, as the other step tests.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,14 +17,13 @@ from reco_jax import defaults
 from reco_jax import names
 from reco_jax import parallel
 from reco_jax import state as state_lib
-from reco_jax import steps
 from reco_jax.losses import reco_recipe
 from reco_jax.losses import segmentation
 from reco_jax.methods import common
 from reco_jax.methods import unimatch
-from reco_jax.models import deeplab
 from reco_jax.semi import augment
 from reco_jax.semi import mixing
+import helpers
 import tolerances
 
 NUM_CLASSES, SIZE, BATCH = 3, 33, 4
@@ -40,11 +41,6 @@ def tiny_config(**overrides):
   return config
 
 
-def tiny_model():
-  return deeplab.DeepLabV3Plus(num_classes=NUM_CLASSES, backbone='resnet_tiny', rep_dim=8,
-                               aspp_dim=8, low_level_dim=4, head_dim=8)
-
-
 def make_batch(seed=0):
   """BATCH labelled images whose label shows in their colour, 2 x BATCH unlabelled."""
   rng = np.random.default_rng(seed)
@@ -59,7 +55,7 @@ def make_batch(seed=0):
 
 @pytest.fixture(scope='module')
 def model_and_state():
-  model = tiny_model()
+  model = helpers.tiny_model()
   state = state_lib.create_train_state(tiny_config(), model, jax.random.key(0),
                                        (SIZE, SIZE, 3))
   return model, jax.tree.map(np.asarray, state)
@@ -123,17 +119,21 @@ def test_both_strong_views_get_their_own_boxes_and_colour_draws(model_and_state)
   model, state = model_and_state
   config = tiny_config()
   batch = jax.tree.map(jnp.asarray, make_batch())
-  inputs = unimatch.make_inputs(model.apply, state, batch, jax.random.key(1), jax.random.key(2),
-                                config=config)
+
+  def views(state, batch):  # one program each for the step's inputs and the views by hand
+    inputs = unimatch.make_inputs(model.apply, state, batch, jax.random.key(1),
+                                  jax.random.key(2), config=config)
+    weak = unimatch.weak_views(jax.random.split(jax.random.key(1))[0],
+                               batch['unlabelled']['image'], scale_range=config.scale_range)[0]
+    return inputs, weak, unimatch.strong_views(jax.random.key(2), weak, hue=config.hue_jitter)[0]
+
+  inputs, weak, v1 = jax.jit(views)(state, batch)
   box1, box2 = (np.asarray(b) for b in inputs['boxes'])
   assert not np.array_equal(box1, box2) and (box1.any() or box2.any())
   s1, s2 = (np.asarray(s) for s in inputs['strong'])
   outside = ~(box1 | box2)
   assert np.abs(s1 - s2)[outside].max() > 0.1
   # Inside its box a view shows the CutMix source's strong view of the same index.
-  weak = unimatch.weak_views(jax.random.split(jax.random.key(1))[0],
-                             batch['unlabelled']['image'], scale_range=config.scale_range)[0]
-  v1, _ = unimatch.strong_views(jax.random.key(2), weak, hue=config.hue_jitter)
   v1 = np.asarray(v1)
   np.testing.assert_array_equal(s1[box1], v1[BATCH:][box1])
   np.testing.assert_array_equal(s1[~box1], v1[:BATCH][~box1])
@@ -143,9 +143,9 @@ def test_both_strong_views_get_their_own_boxes_and_colour_draws(model_and_state)
 def test_grey_views_have_equal_channels():
   images = jax.random.normal(jax.random.key(0), (6, 9, 9, 3))
   zeros = jnp.zeros((6, 9, 9))
-  grey, _, _ = augment.strong_augment(jax.random.key(1), images, zeros.astype(jnp.int32),
-                                      zeros, jitter_prob=0.0, blur_prob=0.0, flip_prob=0.0,
-                                      grey_prob=1.0)
+  grey, _, _ = jax.jit(functools.partial(
+      augment.strong_augment, jitter_prob=0.0, blur_prob=0.0, flip_prob=0.0, grey_prob=1.0))(
+          jax.random.key(1), images, zeros.astype(jnp.int32), zeros)
   rgb = np.asarray(augment.normalization.denormalize(grey))
   np.testing.assert_allclose(rgb[..., 0], rgb[..., 1], atol=1e-5)
   np.testing.assert_allclose(rgb[..., 1], rgb[..., 2], atol=1e-5)
@@ -189,16 +189,15 @@ def test_masked_loss_counts_confident_pixels_over_every_kept_pixel():
                                     0.95)) == 0.0
 
 
-def test_the_step_is_its_pieces_composed_by_hand(model_and_state):
-  """With ReCo (the golden values cover the step without it) and a 10x head."""
-  model, initial = model_and_state
+def test_the_step_is_its_pieces_composed_by_hand():
+  """With ReCo and the 10x head of VOC: the golden case unimatch+reco@1's step."""
   reco = True
-  config = tiny_config(reco=reco, optimizer=dict(tiny_config().optimizer,
-                                                  head_lr_multiplier=10.0))
+  config = helpers.tiny_config('unimatch', reco)
+  assert config.optimizer.head_lr_multiplier == 10.0
+  model, _ = helpers.shared_model_and_state()
   mesh = parallel.make_mesh(jax.devices()[:1])
-  tx = state_lib.make_optimizer(config)
-  state = jax.tree.map(jnp.asarray, initial)
-  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  state = helpers.step_state(config, mesh)
+  initial = helpers.host(state)
   batch = make_batch()
   key = jax.random.key(7)
   x, y = jnp.asarray(batch['labelled']['image']), jnp.asarray(batch['labelled']['label'])
@@ -253,9 +252,9 @@ def test_the_step_is_its_pieces_composed_by_hand(model_and_state):
     return new.params, new.batch_stats, sup
 
   params, stats, sup = jax.jit(composed)(state)
-  step = steps.make_train_step(config, model, mesh)
-  new_state, metrics = step(jax.device_put(state, parallel.replicated(mesh)),
-                            parallel.shard_batch(mesh, batch), key)
+  sharded = parallel.shard_batch(mesh, batch)
+  step = helpers.compile_step(config, model, mesh, state, sharded, key)
+  new_state, metrics = step(state, sharded, key)
   assert float(metrics['sup_loss']) == pytest.approx(float(sup), rel=1e-5)
   assert float(metrics['unsup_loss']) > 0 and float(metrics['fp_loss']) > 0
   assert float(metrics['reco_loss']) > 0
@@ -264,26 +263,27 @@ def test_the_step_is_its_pieces_composed_by_hand(model_and_state):
   assert int(new_state.step) == 1
 
 
-def test_one_and_four_devices_agree(model_and_state):
+def test_one_and_four_devices_agree():
   """The views, boxes, dropout and CutMix sources are the global batch's on any mesh."""
-  model, initial = model_and_state
-  config = tiny_config()
+  config = helpers.tiny_config('unimatch')  # on 1 device, the golden case unimatch@1's step
+  model, _ = helpers.shared_model_and_state()
   batch = make_batch()
   key = jax.random.key(5)
   results = []
   for n in (1, 4):
     mesh = parallel.make_mesh(jax.devices()[:n])
-    state = jax.device_put(jax.tree.map(jnp.asarray, initial), parallel.replicated(mesh))
-    step = steps.make_train_step(config, model, mesh)
+    state = helpers.step_state(config, mesh)
+    initial = helpers.host(state)
+    sharded = parallel.shard_batch(mesh, batch)
+    step = helpers.compile_step(config, model, mesh, state, sharded, key)
     history = []
     for _ in range(2):
-      state, metrics = step(state, parallel.shard_batch(mesh, batch), key)
+      state, metrics = step(state, sharded, key)
       history.append({k: float(v) for k, v in metrics.items()})
     results.append((jax.tree.map(np.asarray, state), history))
   (state1, hist1), (state4, hist4) = results
   assert hist1[1]['unsup_loss'] > 0 and hist1[1]['fp_loss'] > 0
   tolerances.assert_histories_close(hist4, hist1)
-  start = jax.tree.map(np.asarray, initial)
   for part in ('params', 'batch_stats', 'opt_state'):
     tolerances.assert_updates_close(getattr(state4, part), getattr(state1, part),
-                                    getattr(start, part), steps=2, err_msg=part)
+                                    getattr(initial, part), steps=2, err_msg=part)
