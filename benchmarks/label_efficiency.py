@@ -157,23 +157,29 @@ def _finished(workdir: pathlib.Path) -> bool:
   return result.last_step >= result.num_train_steps and bool(result.miou)
 
 
-def _execute(run: Run, root: pathlib.Path, data_dir: str, cpus: list[int] | None) -> float:
-  """Trains `run` (unless finished) and returns its wall time in seconds (0 when reused)."""
+def _execute(run: Run, root: pathlib.Path, data_dir: str,
+             cpus: list[int] | None) -> tuple[float, bool]:
+  """Trains `run` (unless finished): (its wall time in seconds, 0 when unknown; whether it was
+  resumed, when the seconds count only its last part)."""
   workdir = root / run.name
   timing = root / f'{run.name}.seconds'
   if _finished(workdir):
-    return float(timing.read_text()) if timing.exists() else 0.0
+    if not timing.exists():
+      return 0.0, False
+    seconds, *resumed = timing.read_text().split()
+    return float(seconds), bool(resumed)
+  resumed = workdir.exists()  # a killed run continues from its latest checkpoint
   began = time.time()
   log = root / f'{run.name}.log'
   preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-  with open(log, 'w') as out:
+  with open(log, 'a') as out:  # a resumed run's log goes on after the killed one's
     status = subprocess.run(_command(run, root, data_dir), stdout=out, stderr=subprocess.STDOUT,
                             cwd=_HERE.parent, preexec_fn=preexec, check=False).returncode
   if status:
     raise RuntimeError(f'{run.name} failed (exit {status}); its output is in {log}.')
   seconds = time.time() - began
-  timing.write_text(f'{seconds:.0f}\n')
-  return seconds
+  timing.write_text(f'{seconds:.0f}{" resumed" if resumed else ""}\n')
+  return seconds, resumed
 
 
 def _invocation() -> str:
@@ -190,13 +196,16 @@ def _shown(argv: list[str]) -> list[str]:
   return shown
 
 
-def record(run: Run, workdir: pathlib.Path, seconds: float, context: str) -> dict:
+def record(run: Run, workdir: pathlib.Path, seconds: float, resumed: bool, context: str) -> dict:
   """What the store keeps of a finished run: its eval mIoU by step, the embedding probe at the
-  end of each pretraining stage, and where it was made."""
+  end of each pretraining stage, and where it was made. `resumed`: the minutes are those of
+  the run's last part only."""
   entry = {'method': run.method.key, 'labels': run.labels, 'seed': run.seed,
            'miou': {str(s): v for s, v in sorted(results.load_result(workdir).miou.items())}}
   if probe := _final_probe(workdir):
     entry['probe'] = probe
+  if resumed:
+    entry['resumed'] = True
   return {**entry, 'minutes': round(seconds / 60, 1) if seconds else None,
           'date': str(datetime.date.today()), 'command': _invocation(), 'context': context}
 
@@ -272,9 +281,12 @@ def _provenance(store: dict[str, dict]) -> list[str]:
     groups.setdefault((entry['date'], entry['command'], entry['context']), []).append(entry)
   lines = []
   for (date, command, context), entries in sorted(groups.items()):
-    minutes = [e['minutes'] for e in entries if e.get('minutes')]
+    minutes = [e['minutes'] for e in entries if e.get('minutes') and not e.get('resumed')]
     time_ = (f'; {sum(minutes):.0f} min of run time (median {np.median(minutes):.1f})'
              if minutes else '')
+    if resumed := sum(bool(e.get('resumed')) for e in entries):
+      time_ += (f' ({resumed} resumed run{"s" * (resumed != 1)} left out: only '
+                f'{"its" if resumed == 1 else "their"} last part was timed)')
     runs = f'{len(entries)} run' + 's' * (len(entries) != 1)
     lines.append(f'- {date}, {runs}: `{command}`, {context}{time_}.')
   return lines
@@ -464,11 +476,11 @@ def main():
     def work(run):
       share = free.pop()
       try:
-        seconds = _execute(run, root, args.data_dir, shares[share])
+        seconds, resumed = _execute(run, root, args.data_dir, shares[share])
       finally:
         free.append(share)
       with lock:
-        entry = record(run, root / run.name, seconds, context)
+        entry = record(run, root / run.name, seconds, resumed, context)
         if run.name in store:  # read again: keep where it was made
           entry = {**store[run.name], 'miou': entry['miou']}
         store[run.name] = entry

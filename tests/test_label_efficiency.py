@@ -46,6 +46,25 @@ def test_report_grows_with_the_store():
   assert '- 2026-12-04, 3 runs' in text
 
 
+def test_a_resumed_run_keeps_its_log_and_its_partial_time_is_not_counted(tmp_path,
+                                                                          monkeypatch):
+  run = le.Run(le.CORE[0], 30, 0)
+  (tmp_path / run.name).mkdir()  # the workdir of a killed run
+  (tmp_path / f'{run.name}.log').write_text('before the kill\n')
+  monkeypatch.setattr(le, '_command', lambda *_: ['python', '-c', 'print("resumed")'])
+  seconds, resumed = le._execute(run, tmp_path, '', None)  # pylint: disable=protected-access
+  assert resumed and seconds > 0
+  assert (tmp_path / f'{run.name}.log').read_text() == 'before the kill\nresumed\n'
+  assert (tmp_path / f'{run.name}.seconds').read_text().split()[1] == 'resumed'
+  fresh = le.Run(le.CORE[0], 30, 1)
+  assert le._execute(fresh, tmp_path, '', None)[1] is False  # pylint: disable=protected-access
+  store = {'a': _entry('supervised', 30, 0, {2000: 0.2}),
+           'b': _entry('supervised', 30, 1, {2000: 0.3}, minutes=3.0, resumed=True)}
+  lines = le.report(store, 1, 'store.json')[0]
+  assert ('- 2026-12-03, 2 runs: `cmd`, here; 10 min of run time (median 10.0) (1 resumed run '
+          'left out: only its last part was timed).') in lines
+
+
 def test_stored_runs_are_not_redone_unless_their_workdir_is_here(tmp_path):
   runs = [le.Run(le.CORE[0], 30, s) for s in range(3)]
   store = {runs[0].name: {}, runs[1].name: {}}
