@@ -99,6 +99,8 @@ def test_all_labels_column_and_pretraining_length_table():
     store[f'supervised_all_l0_s{seed}'] = _entry('supervised_all', 0, seed, {2000: 0.5})
     store[f'supervised_pretrain_l0_s{seed}'] = _entry('supervised_pretrain', 0, seed,
                                                       {2000: 0.55})
+    store[f'supervised_rerun_l0_s{seed}'] = _entry('supervised_rerun', 0, seed, {2000: 0.52})
+  store['supervised_rerun_l30_s0'] = _entry('supervised_rerun', 30, 0, {2000: 0.22})
   probe = {'within_class_cosine': 0.5, 'between_class_cosine': 0.1, 'cosine_gap': 0.4}
   store['supervised_pretrain_l30_s0'] = _entry('supervised_pretrain', 30, 0, {2000: 0.3},
                                                probe={'pretrain': probe})
@@ -111,11 +113,15 @@ def test_all_labels_column_and_pretraining_length_table():
   assert '| method | 30 labels | all 2,000 labels |' in text
   assert '| Supervised | 21.0 (20.0-22.0) | 50.0 (50.0-50.0) |' in text
   assert '| Supervised, within-image pretraining | 30.0 (1 seed) | 55.0 (55.0-55.0) |' in text
-  assert ('- Supervised, within-image pretraining - Supervised, all 2,000 labels: '
-          '+5.0, +5.0, +5.0 (mean +5.0)') in text
-  # The longer pretraining has its own table, not a row of the main one.
+  # Pretraining pairs with supervised training run beside it, which pairs with the older row.
+  rerun = 'Supervised, run beside the pretraining rows'
+  assert (f'- Supervised, within-image pretraining - {rerun}, all 2,000 labels: '
+          '+3.0, +3.0, +3.0 (mean +3.0)') in text
+  assert f'- {rerun} - Supervised, all 2,000 labels: +2.0, +2.0, +2.0 (mean +2.0)' in text
+  # The longer pretraining has its own table, not a row of the main one; its 0 steps are the
+  # supervised run beside it.
   assert 'pretraining steps |' not in text.split('Per-seed')[0]
-  assert '| 0 | 20.0 |  |  |  |' in text
+  assert '| 0 | 22.0 |  |  |  |' in text
   assert '| 2,000 | 30.0 | 0.500 | 0.100 | 0.400 |' in text  # the toy's default length
   assert '| 5,000 | 35.0 | 0.250 | 0.050 | 0.200 |' in text
 
@@ -125,6 +131,10 @@ def test_parts_select_budgets_seeds_and_all_labels():
   names = [r.name for r in runs]
   assert {n for n in names if n.startswith('supervised_pretrain_l')} == {
       f'supervised_pretrain_l{b}_s{s}' for b in (30, 100, 0) for s in (0, 1)}
+  # Supervised training again beside them, at every budget, before them.
+  assert {n for n in names if n.startswith('supervised_rerun')} == {
+      f'supervised_rerun_l{b}_s{s}' for b in (30, 100, 0) for s in (0, 1)}
+  assert names.index('supervised_rerun_l30_s0') < names.index('supervised_pretrain_l30_s0')
   assert len(names) == len(set(names))  # the toy's default run is in both pretraining parts
   assert [n for n in names if 'pretrain_p' in n] == [
       'supervised_pretrain_p500_l30_s0', 'supervised_pretrain_p5000_l30_s0']
