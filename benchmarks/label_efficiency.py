@@ -76,8 +76,8 @@ EXTRA = {
     # Zhao et al.'s label-based pixel contrastive pretraining, then the supervised job, at every
     # budget and with all labels; the class-balanced subset of the other rows, not Zhao's
     # uniform one, so that a seed pairs it with supervised training. Supervised training runs
-    # again beside them, and they pair with that: the Supervised row's runs are older and do
-    # not all reproduce with today's code (benchmarks/README.md).
+    # again beside them, and they pair with that: the Supervised row's runs are older, and not
+    # all of them reproduce (benchmarks/README.md).
     'pretrain': (
         Method('Supervised, run beside the pretraining rows', 'supervised_rerun',
                'method=supervised,reco=False'),
