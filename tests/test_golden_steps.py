@@ -3,15 +3,23 @@
 The metrics and a fingerprint of the state after each of three steps of a tiny DeepLabV3+ on
 fixed synthetic batches, for every method with and without ReCo, with full and partial labels,
 with the recomputed labelled pass, on 1 and 4 devices, as recorded in
-`golden_steps.json`. A change that only moves code must reproduce them to 1e-6; a change of a
-loss term, a sampling rule or the update order does not.
+`golden_steps.json`. A change that only moves code must reproduce them; a change of a loss term,
+a sampling rule or the update order does not.
 
 XLA rounds differently on CPUs with other vector units (AVX-512, AVX2 or SSE only), and over
 three steps ReCo's thresholds and samples amplify that rounding (up to 5 % by step 3). So the
 first step's metrics are checked everywhere to one step's tolerance, 1e-4 (`tolerances.py`; a
-changed constant, such as BT.709 grey weights, moves them by 1e-2 or more);
-where they are bit-identical to the golden ones the machine computes like the one that wrote
-them, and all three steps and the fingerprints are checked to 1e-6.
+changed constant, such as BT.709 grey weights, moves them by 1e-2 or more).
+
+Where the first step's metrics are bit-identical to the golden ones, the machine's first pass
+reduces like the golden machine's, and the later steps are checked too: step k's metrics to
+`tolerances.steps_rtol(k)`, and the state fingerprints to `steps_rtol(3)` of their sums of |x|.
+That sees an optimiser rule that differs from the second step on: with momentum 0.8 in place of
+0.9, step 2's gradient norm moves by 7 % and the momentum buffer's sum of |x| by 22 %. It is not
+a few ulps, because a scalar can be bit-identical while the tensors behind it are not: with
+`ONEDNN_MAX_CPU_ISA=SSE41`, `supervised+reco@4`'s first step matches to the bit, and its
+momentum buffer differs by 5e-5 of its sum of |x| after step 3. (On a 2-core AMD EPYC with AVX2,
+only the UniMatch cases' first steps are bit-identical; the other cases are checked at step 1.)
 
 Regenerate (only for a deliberate change of the numbers, saying why in the commit):
 `RECO_JAX_WRITE_GOLDEN=1 python -m pytest tests/test_golden_steps.py`.
@@ -43,8 +51,6 @@ if CHANGE not in ('', 'grey') or (CHANGE and WRITE):
   raise ValueError(f"RECO_JAX_GOLDEN_CHANGE must be 'grey' (and is never written), got "
                    f'{CHANGE!r}.')
 NUM_STEPS = 3
-# A machine whose step 1 is bit-identical reduces in the golden order: a few ulps over 3 steps.
-SAME_ORDER = 1e-6
 
 # (method, reco, partial, recompute_labelled, devices): each method with and without ReCo, with
 # full and partial labels; the recomputed labelled pass with and without ReCo; 1 and 4 devices.
@@ -148,17 +154,19 @@ def test_step_reproduces_golden_values(case, monkeypatch):
   assert not [f'step 1 {k}: {got!r} != golden {expected!r}' for k, got, expected in first
               if not close(got, expected, tolerances.steps_rtol(1), max(1.0, abs(expected)))]
   if any(got != expected for _, got, expected in first):
-    return  # another CPU's rounding: the later steps are not comparable at 1e-6
-  pairs = [(f'step {i + 1} {k}', m[k], w[k], abs(w[k]))
+    return  # another CPU's rounding, amplified by the later steps' ReCo samples
+  pairs = [(f'step {i + 1} {k}', m[k], w[k], tolerances.steps_rtol(i + 1), abs(w[k]))
            for i, (m, w) in enumerate(zip(result['metrics'], want['metrics'])) for k in m]
   # A fingerprint's signed sums can cancel (opt_state: sum 3.1 of |x| summing to 2,689), and
   # their rounding error scales with the sum of |x| (entry 1), not with the sum itself.
-  pairs += [(f'{part}[{j}]', got, expected, abs(want['fingerprints'][part][1]))
+  pairs += [(f'{part}[{j}]', got, expected, tolerances.steps_rtol(NUM_STEPS),
+             abs(want['fingerprints'][part][1]))
             for part in want['fingerprints']
             for j, (got, expected) in enumerate(zip(result['fingerprints'][part],
                                                     want['fingerprints'][part]))]
-  mismatches = [f'{what}: {got!r} != golden {expected!r}' for what, got, expected, scale in pairs
-                if not close(got, expected, SAME_ORDER, max(1.0, scale))]
+  mismatches = [f'{what}: {got!r} != golden {expected!r}'
+                for what, got, expected, rtol, scale in pairs
+                if not close(got, expected, rtol, max(1.0, scale))]
   assert not mismatches, '\n'.join(mismatches)
 
 
