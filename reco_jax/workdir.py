@@ -13,6 +13,8 @@ The managers are built here with the trainer's options so that both sides agree 
 from collections.abc import Sequence
 import dataclasses
 import json
+import os
+import sys
 from typing import Any
 
 from etils import epath
@@ -192,6 +194,7 @@ def restore_state(config: ml_collections.ConfigDict, model: nn.Module,
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+      _quiet_abandoned_reads()
       raise ValueError(f'The checkpoint of step {step} in {directory} cannot be restored: '
                        f'{short_cause(e)}.') from None
 
@@ -200,9 +203,35 @@ FAILED_CHECKPOINTS = 'checkpoints_failed'
 
 
 def short_cause(error: BaseException) -> str:
-  """The first line of an error's message (at most 200 characters), with its type."""
-  first = (str(error).strip().splitlines() or [''])[0][:200]
+  """The first line of an error's message, with its type, cut at a word to about 200
+  characters (TensorStore's pointer to its 'full details', a method's repr, dropped)."""
+  first = (str(error).strip().splitlines() or [''])[0].split(' See full TensorStore details')[0]
+  if len(first) > 200:
+    first = first[:200].rsplit(' ', 1)[0] + ' [...]'
   return f'{type(error).__name__}: {first}' if first else type(error).__name__
+
+
+def _quiet_abandoned_reads() -> None:
+  """Silences, for the rest of the process, the reads a failed Orbax restore leaves behind.
+
+  When one array of a checkpoint cannot be read, the restore raises while TensorStore still
+  reads the others; each of those reads then completes into Orbax's closed event loop (or is
+  collected unawaited), and Python would print a traceback for each one, dozens to hundreds,
+  after the one-line report. Every other unraisable error is printed as before.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiets_abandoned_reads', False):
+    return
+
+  def hook(unraisable):
+    value, obj = unraisable.exc_value, unraisable.object
+    if ((isinstance(value, RuntimeError) and str(value) == 'Event loop is closed')
+        or getattr(obj, '__name__', '') == '_read_array_index_and_device_put'):
+      return
+    previous(unraisable)
+
+  hook.quiets_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 def restore_latest(manager: ocp.CheckpointManager, target, say) -> tuple[Any, int]:
@@ -217,6 +246,7 @@ def restore_latest(manager: ocp.CheckpointManager, target, say) -> tuple[Any, in
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(target)), step
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
+      _quiet_abandoned_reads()
       aside = directory.parent / FAILED_CHECKPOINTS / str(step)
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +316,8 @@ def _glob(pattern: str) -> list[str]:
 
 
 def check_output_file(path: str | epath.Path, flag: str) -> epath.Path:
-  """A tool's output file: not a directory, and inside one (created if missing).
+  """A tool's output file: not a directory, and inside a directory it can write in (created
+  if missing).
 
   Checked before anything costly runs, so a bad destination fails first. flag: the
   command-line flag that named it, for the message.
@@ -295,36 +326,47 @@ def check_output_file(path: str | epath.Path, flag: str) -> epath.Path:
   if path.is_dir():
     raise ValueError(f'{flag}={path} is a directory; give a file name inside it, e.g. '
                      f'{flag}={path / "results.md"}.')
-  for parent in (path.parent, *path.parent.parents):
-    if parent.exists():
-      if not parent.is_dir():
-        raise ValueError(f'{flag}={path}: {parent} is a file, not a directory; choose another '
-                         'path.')
-      break
-  path.parent.mkdir(parents=True, exist_ok=True)
+  _writable_directory(path.parent, f'{flag}={path}')
   return path
 
 
 def check_output_dir(path: str | epath.Path, flag: str) -> epath.Path:
-  """A tool's output directory: created if missing, an error if a file is in its place."""
+  """A tool's output directory: created if missing, an error if a file is in its place or it
+  cannot be written in."""
   path = epath.Path(path)
   if path.exists() and not path.is_dir():
     raise ValueError(f'{flag}={path} is a file, not a directory; give a directory for the '
                      'outputs (it is created if missing).')
-  check_output_file(path / 'x', flag)  # Its parents are directories.
-  path.mkdir(parents=True, exist_ok=True)
+  _writable_directory(path, f'{flag}={path}')
   return path
+
+
+def _writable_directory(directory: epath.Path, given: str) -> None:
+  """Creates `directory` if missing and writes and removes a file in it, or raises ValueError
+  naming `given` (the flag as the user wrote it)."""
+  for parent in (directory, *directory.parents):
+    if parent.exists():
+      if not parent.is_dir():
+        raise ValueError(f'{given}: {parent} is a file, not a directory; choose another path.')
+      break
+  probe = directory / f'.reco_jax_write_check_{os.getpid()}'
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f'{given}: cannot write in {directory} ({short_cause(e)}); choose another '
+                     'path.') from None
 
 
 def user_errors(main_fn):
   """Wraps a tool's main: `setup_tool` first; the expected errors (bad input) end it with
   their message only.
 
-  FileNotFoundError and ValueError carry what was expected and how to fix it; a traceback
-  would bury that.
+  FileNotFoundError, PermissionError and ValueError carry what was expected (or the path
+  refused) and how to fix it; a traceback would bury that.
   """
   import functools  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
 
   @functools.wraps(main_fn)
   def wrapped(argv):
@@ -332,7 +374,7 @@ def user_errors(main_fn):
     setup_tool(flags.FLAGS['verbosity'].present)
     try:
       return main_fn(argv)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, PermissionError, ValueError) as e:
       print(f'{sys.argv[0].split("/")[-1]}: error: {e}', file=sys.stderr)
       sys.exit(2)
   return wrapped

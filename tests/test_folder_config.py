@@ -124,6 +124,20 @@ def test_lists_with_a_byte_order_mark_read_as_without(tmp_path, tfds_home):
   assert builder.info.splits['train'].num_examples == 4
 
 
+def test_a_class_count_that_is_not_the_datasets_says_what_to_do(tmp_path, tfds_home):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw)
+  c = folder_config.get_config(f'data={raw},labels=2')
+  data_lib.prepare_for_config(c)
+  c.num_classes = 4  # A run trained before a class was taken out of classes.txt.
+  with pytest.raises(ValueError, match=r'has 3 classes; set --config\.num_classes=3\.'):
+    data_lib.prepare_for_config(c)  # The trainer: the dataset is current.
+  # A tool on a run of older data is not told to change the run's classes.
+  with pytest.raises(ValueError, match=r'The run has 4 classes but .* now has 3: the data '
+                     r'changed since it was trained\. Pass --data_dir=DIR'):
+    data_lib.prepare_for_config(c, flags='--')
+
+
 def test_a_truncated_image_names_its_file(tmp_path):
   raw = tmp_path / 'raw'
   fake_raw.make_folder(raw)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from absl import flags
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -538,6 +539,31 @@ def test_main_functions(toy_run, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
   assert taken.read_text() == "the user's file"
+
+
+def test_a_destination_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch, capsys):
+  # As root, permissions do not refuse a write: the refusal is made where the tools write.
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  path_type = type(epath.Path(locked))
+  write_text = path_type.write_text
+
+  def refuse_in_locked(self, *args, **kwargs):
+    if pathlib.Path(self).parent == locked:
+      raise PermissionError(13, 'Permission denied', str(self))
+    return write_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(path_type, 'write_text', refuse_in_locked)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'a.png')
+  for module, args, given in (
+      (predict, [f'--images={tmp_path / "a.png"}', f'--out={locked}'], f'--out={locked}'),
+      (evaluate, [f'--output={locked / "t.md"}'], f'--output={locked / "t.md"}')):
+    with tool_flags(module, f'--workdir={tmp_path / "no_run"}', *args) as argv:
+      with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    assert f'{given}: cannot write in {locked} (PermissionError' in capsys.readouterr().err
+  assert not list(locked.iterdir())
 
 
 def test_tools_define_no_flags_on_import():

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -198,6 +199,35 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_
   # Moved aside, not deleted; the run reached the uninterrupted run's state.
   assert (broken / workdir_lib.FAILED_CHECKPOINTS / str(TOY_STEPS)).is_dir()
   _assert_same_state(state, resumed)
+
+
+def test_a_failed_restore_silences_its_abandoned_reads_and_nothing_else(monkeypatch):
+  # They complete into Orbax's closed event loop: dozens to hundreds of tracebacks otherwise.
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  workdir_lib._quiet_abandoned_reads()  # pylint: disable=protected-access
+  workdir_lib._quiet_abandoned_reads()  # pylint: disable=protected-access  (installed once)
+
+  async def _read_array_index_and_device_put():
+    pass
+
+  read = _read_array_index_and_device_put()
+  read.close()
+  other = types.SimpleNamespace(exc_value=RuntimeError('another'), object=None)
+  for unraisable in (types.SimpleNamespace(exc_value=RuntimeError('Event loop is closed'),
+                                           object=None),
+                     types.SimpleNamespace(exc_value=None, object=read), other):
+    sys.unraisablehook(unraisable)
+  assert reported == [other]
+
+
+def test_short_cause_keeps_the_first_line_without_tensorstores_pointer():
+  cause = workdir_lib.short_cause(ValueError(
+      'Encountered error while reading array index: (slice(0, 3, 1)). See full TensorStore '
+      'details: <bound method pybind11_detail_function_record_v1_system_libstdcpp>\nmore'))
+  assert cause == 'ValueError: Encountered error while reading array index: (slice(0, 3, 1)).'
+  long = workdir_lib.short_cause(OSError('word ' * 100))
+  assert long.endswith('word [...]') and len(long) < 230
 
 
 def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(full_run, tmp_path, monkeypatch):

@@ -78,9 +78,14 @@ def prepare_for_config(config: ml_collections.ConfigDict, flags: str = '--config
         f'docstring in reco_jax/data describes the layout) or {flags}data_dir=DIR (the TFDS '
         'data dir that holds the prepared dataset).') from e
   classes = base.class_names(builder)
-  if len(classes) != config.num_classes:
+  if len(classes) != config.num_classes and flags == '--config.':
     raise ValueError(f'config.num_classes={config.num_classes} but dataset {config.dataset!r} '
                      f'has {len(classes)} classes; set --config.num_classes={len(classes)}.')
+  if len(classes) != config.num_classes:  # A tool on a run: its dataset changed since.
+    raise ValueError(f'The run has {config.num_classes} classes but dataset {config.dataset!r} '
+                     f'now has {len(classes)}: the data changed since it was trained. Pass '
+                     f'{flags}data_dir=DIR with the dataset it was trained on, or train a new '
+                     'run on the new data.')
   return builder
 
 
