@@ -359,12 +359,16 @@ def test_unknown_pretraining_mode_is_a_clear_error():
     toy.get_config('pretrain=simclr')
 
 
-def _pretraining_probe():
-  path = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'pretraining_probe.py'
-  spec = importlib.util.spec_from_file_location('pretraining_probe', path)
+def _benchmark(name):
+  path = pathlib.Path(__file__).parents[1] / 'benchmarks' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _pretraining_probe():
+  return _benchmark('pretraining_probe')
 
 
 def test_linear_probe_separates_separable_features_and_not_noise():
@@ -396,3 +400,25 @@ def test_the_frozen_feature_probe_reads_a_staged_run(staged_run):
   logged, _ = results.read_scalars(workdir / 'pretrain', ['eval/cosine_gap'])
   assert probe.cosine_gaps(network, end, batches, config, mesh) == pytest.approx(
       logged['eval/cosine_gap'][STEPS], abs=1e-4)
+
+
+def test_finetune_drift_measures_from_the_pretrained_network(staged_run):
+  """benchmarks/finetune_drift.py: distances of the kept fine-tuning checkpoints from the
+  pretrained backbone (not from a fresh initialisation)."""
+  drift = _benchmark('finetune_drift')
+  ones = {'a': {'w': np.ones(4)}, 'b': {'w': np.full(2, 2.0)}}
+  moved = {'a': {'w': np.full(4, 1.5)}, 'b': {'w': np.full(2, 2.0)}}
+  assert drift.relative_distances(moved, ones) == {'a': 0.5, 'b': 0.0}
+  _, workdir, state = staged_run
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  rows = drift.drift(workdir, mesh)
+  kept = [(int(p.name), '') for p in (workdir / 'finetune' / workdir_lib.CHECKPOINTS).iterdir()]
+  assert [(step, tag) for step, tag, _ in rows] == sorted(kept + [(STEPS, 'best')])
+  last = dict(((step, tag), distances) for step, tag, distances in rows)[(STEPS, '')]
+  _, _, variables = _pretraining_probe()._networks(workdir, mesh)  # pylint: disable=protected-access
+  pretrained = list(variables.values())[-1]['params']['segmenter']['backbone']
+  pairs = list(zip(jax.tree.leaves(state.params['backbone']), jax.tree.leaves(pretrained)))
+  expected = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+                         for a, b in pairs) / sum(np.sum(np.asarray(b, np.float64) ** 2)
+                                                  for _, b in pairs))
+  assert 0 < last['backbone'] == pytest.approx(expected, rel=1e-6)
