@@ -190,11 +190,11 @@ def restore_state(config: ml_collections.ConfigDict, model: nn.Module,
   target = abstract(like)
   del like
   options = ocp.CheckpointManagerOptions(create=False)
+  _quiet_abandoned_reads()
   with ocp.CheckpointManager(epath.Path(directory), options=options) as manager:
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(target))
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
-      _quiet_abandoned_reads()
       raise ValueError(f'The checkpoint of step {step} in {directory} cannot be restored: '
                        f'{short_cause(e)}.') from None
 
@@ -212,12 +212,13 @@ def short_cause(error: BaseException) -> str:
 
 
 def _quiet_abandoned_reads() -> None:
-  """Silences, for the rest of the process, the reads a failed Orbax restore leaves behind.
+  """Silences, from a first restore on, the reads that a failed Orbax restore leaves behind.
 
   When one array of a checkpoint cannot be read, the restore raises while TensorStore still
   reads the others; each of those reads then completes into Orbax's closed event loop (or is
   collected unawaited), and Python would print a traceback for each one, dozens to hundreds,
-  after the one-line report. Every other unraisable error is printed as before.
+  around the one-line report, some before the restore has even raised. Every other unraisable
+  error is printed as before.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'quiets_abandoned_reads', False):
@@ -242,11 +243,11 @@ def restore_latest(manager: ocp.CheckpointManager, target, say) -> tuple[Any, in
   when none restores.
   """
   directory = epath.Path(manager.directory)
+  _quiet_abandoned_reads()
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       return manager.restore(step, args=ocp.args.StandardRestore(target)), step
     except Exception as e:  # pylint: disable=broad-except  (Orbax raises many kinds)
-      _quiet_abandoned_reads()
       aside = directory.parent / FAILED_CHECKPOINTS / str(step)
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
