@@ -13,6 +13,7 @@ The managers are built here with the trainer's options so that both sides agree 
 from collections.abc import Sequence
 import dataclasses
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -215,10 +216,11 @@ def _quiet_abandoned_reads() -> None:
   """Silences, from a first restore on, the reads that a failed Orbax restore leaves behind.
 
   When one array of a checkpoint cannot be read, the restore raises while TensorStore still
-  reads the others; each of those reads then completes into Orbax's closed event loop (or is
-  collected unawaited), and Python would print a traceback for each one, dozens to hundreds,
-  around the one-line report, some before the restore has even raised. Every other unraisable
-  error is printed as before.
+  reads the others. Each of those reads then completes into Orbax's closed event loop, is
+  collected unawaited, or ends with an error nobody retrieves, and Python would print a
+  traceback for each one (`sys.unraisablehook`, or asyncio's logger): dozens to hundreds around
+  the one-line report, some before the restore has even raised. Every other unraisable error
+  and asyncio log record is printed as before.
   """
   previous = sys.unraisablehook
   if getattr(previous, 'quiets_abandoned_reads', False):
@@ -233,6 +235,14 @@ def _quiet_abandoned_reads() -> None:
 
   hook.quiets_abandoned_reads = True
   sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_abandoned_read_record)
+
+
+def _abandoned_read_record(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of a checkpoint read's error that nobody retrieved."""
+  message = record.getMessage()  # 'Future exception was never retrieved\nfuture: <...>'
+  return not (message.split('\n', 1)[0].endswith('exception was never retrieved')
+              and 'tensorstore_spec' in message)
 
 
 def restore_latest(manager: ocp.CheckpointManager, target, say) -> tuple[Any, int]:

@@ -1,6 +1,7 @@
 """End-to-end training on a tiny toy dataset: outputs, exact resume, NaN handling, errors."""
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -219,6 +220,13 @@ def test_a_failed_restore_silences_its_abandoned_reads_and_nothing_else(monkeypa
                      types.SimpleNamespace(exc_value=None, object=read), other):
     sys.unraisablehook(unraisable)
   assert reported == [other]
+  # asyncio's report of a read's error that nobody retrieved, and of anything else.
+  records = [logging.LogRecord('asyncio', logging.ERROR, 'base_events.py', 1, message, None,
+                               None) for message in (
+      "Future exception was never retrieved\nfuture: <Future finished exception=ValueError("
+      "'NOT_FOUND: ... [tensorstore_spec=...]')>",
+      'Future exception was never retrieved\nfuture: <Future finished exception=KeyError()>')]
+  assert [bool(logging.getLogger('asyncio').filter(r)) for r in records] == [False, True]
 
 
 def test_short_cause_keeps_the_first_line_without_tensorstores_pointer():
