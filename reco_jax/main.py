@@ -70,5 +70,27 @@ def main(argv):
     raise SystemExit(PREEMPTED_EXIT_CODE) from None
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with two errors of the config flag on one line each instead of a
+  traceback: an error a config file raises on purpose (a ValueError or TypeError naming what
+  to fix, e.g. an own-data folder's lists), and an override of a field the config lacks."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    error, wrapped = e.__cause__ or e.__context__, False
+    while error is not None and str(error).startswith('Error whilst parsing config file'):
+      error, wrapped = error.__cause__ or error.__context__, True  # ml_collections' wrapper
+    if wrapped and isinstance(error, (TypeError, ValueError)):
+      raise SystemExit(f'Error: {error}') from None
+    # absl's own words (parsing again through absl would define the override flags twice).
+    raise SystemExit(f'FATAL Flags parsing error: {e}\n'
+                     'Pass --helpshort or --helpfull to see help on flags.') from None
+  except AttributeError as e:  # ConfigDict's own error for --config.NAME of no field NAME.
+    name = str(e).strip('"\'')
+    raise SystemExit(f'Error: --config.{name}: the config has no field {name!r}; an override '
+                     '--config.NAME=VALUE must name one of its fields (see the config file '
+                     'and reco_jax/defaults.py).') from None
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

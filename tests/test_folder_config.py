@@ -1,4 +1,8 @@
 """configs/folder.py: one's own data in one config argument, and errors that name the file."""
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -102,6 +106,23 @@ def test_validation_images_in_train_txt_are_an_error_naming_them(tmp_path):
                 lambda: data_lib.prepare('reco_folder', str(tmp_path / 'tfds'), str(raw))):
     with pytest.raises(ValueError, match=r"val\.txt lists 1 image.*train\.txt.*\['b'\]"):
       check()
+
+
+def test_the_entry_point_gives_a_config_files_error_and_an_unknown_field_in_one_line(tmp_path):
+  raw = tmp_path / 'raw'
+  fake_raw.make_folder(raw, classes=('thing',))
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for args, message in (
+      ([f'--config=configs/folder.py:data={raw}'], f'Error: {raw / "classes.txt"} names 1 class'),
+      (['--config=configs/toy.py', '--config.nope=1'],
+       "Error: --config.nope: the config has no field 'nope'")):
+    run = subprocess.run([sys.executable, '-m', 'reco_jax.main', *args,
+                          f'--workdir={tmp_path / "run"}'], cwd=root, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith(message), run.stderr[-2000:]
+    assert 'Traceback' not in run.stderr and 'FATAL' not in run.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 def test_a_single_class_is_an_error(tmp_path):
