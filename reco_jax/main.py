@@ -87,7 +87,11 @@ def parse_flags(argv: list[str]) -> list[str]:
                      'Pass --helpshort or --helpfull to see help on flags.') from None
   except AttributeError as e:  # ConfigDict's own error for --config.NAME of no field NAME.
     name = str(e).strip('"\'')
-    raise SystemExit(f'Error: --config.{name}: the config has no field {name!r}; an override '
+    given = [arg.split('=', 1)[0] for arg in argv[1:]
+             if arg.startswith('--config.') and name in arg.split('=', 1)[0].split('.')]
+    if not given:
+      raise
+    raise SystemExit(f'Error: {given[0]}: the config has no field {name!r}; an override '
                      '--config.NAME=VALUE must name one of its fields (see the config file '
                      'and reco_jax/defaults.py).') from None
 
