@@ -51,9 +51,7 @@ def drift(workdir: pathlib.Path, mesh) -> list[tuple[int, str, dict[str, float]]
   rows = []
   for folder, tag in ((workdir_lib.CHECKPOINTS, ''), (workdir_lib.BEST_CHECKPOINTS, 'best')):
     directory = final / folder
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
-        if directory.is_dir() else []
-    for step in steps:
+    for step in workdir_lib.checkpoint_steps(directory, best=bool(tag))[0]:
       state = workdir_lib.restore_state(stage.config, model, directory, step, mesh=mesh)
       rows.append((step, tag, relative_distances(parallel.to_host(state.params), start)))
   return sorted(rows)

@@ -103,7 +103,7 @@ def abstract(tree):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _steps(directory: epath.Path, best: bool) -> tuple[list[int], int | None]:
+def checkpoint_steps(directory: epath.Path, best: bool) -> tuple[list[int], int | None]:
   """(all steps, best or latest step) of the checkpoints in `directory` (read only)."""
   if not directory.exists():
     return [], None
@@ -133,8 +133,8 @@ def find_checkpoint(workdir: str | epath.Path, checkpoint: str | int = 'best'
   """
   workdir = epath.Path(workdir)
   latest_dir, best_dir = workdir / CHECKPOINTS, workdir / BEST_CHECKPOINTS
-  latest_steps, latest = _steps(latest_dir, best=False)
-  best_steps, best = _steps(best_dir, best=True)
+  latest_steps, latest = checkpoint_steps(latest_dir, best=False)
+  best_steps, best = checkpoint_steps(best_dir, best=True)
   if latest is None and best is None:
     raise FileNotFoundError(
         f'{workdir} has no checkpoints: expected orbax checkpoints under {latest_dir} or '

@@ -78,10 +78,12 @@ def prepare_for_config(config: ml_collections.ConfigDict, flags: str = '--config
         f'docstring in reco_jax/data describes the layout) or {flags}data_dir=DIR (the TFDS '
         'data dir that holds the prepared dataset).') from e
   classes = base.class_names(builder)
-  if len(classes) != config.num_classes and flags == '--config.':
-    raise ValueError(f'config.num_classes={config.num_classes} but dataset {config.dataset!r} '
-                     f'has {len(classes)} classes; set --config.num_classes={len(classes)}.')
-  if len(classes) != config.num_classes:  # A tool on a run: its dataset changed since.
+  if len(classes) != config.num_classes:
+    if flags == '--config.':  # The trainer: the config is the user's to change.
+      raise ValueError(f'config.num_classes={config.num_classes} but dataset '
+                       f'{config.dataset!r} has {len(classes)} classes; set '
+                       f'--config.num_classes={len(classes)}.')
+    # A tool on a run: its dataset changed since it was trained.
     raise ValueError(f'The run has {config.num_classes} classes but dataset {config.dataset!r} '
                      f'now has {len(classes)}: the data changed since it was trained. Pass '
                      f'{flags}data_dir=DIR with the dataset it was trained on, or train a new '
