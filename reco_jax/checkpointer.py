@@ -8,7 +8,6 @@ default. A NaN or infinite loss, gradient or parameter is caught before either i
 import math
 
 from etils import epath
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -32,11 +31,8 @@ class Checkpointer:
     """(state, step) of the newest checkpoint that restores ((None, 0): none was saved)."""
     if not self.latest.latest_step():
       return None, 0
-    init_key, _ = jax.random.split(jax.random.key(config.seed))
-    like = state_lib.create_train_state(config, model, init_key, (*tuple(config.crop_size), 3),
-                                        mesh=mesh, initial_weights=False)
-    state, step = workdir_lib.restore_latest(self.latest, workdir_lib.abstract(like),
-                                             console.say)
+    like = state_lib.abstract_train_state(config, model, (*tuple(config.crop_size), 3), mesh)
+    state, step = workdir_lib.restore_latest(self.latest, like, console.say)
     if int(parallel.to_host(state.step)) != step:
       raise ValueError(f'Checkpoint {step} in {self.directory} holds step '
                        f'{int(parallel.to_host(state.step))}; the directory is inconsistent.')

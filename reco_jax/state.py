@@ -117,7 +117,10 @@ def with_optimizer(state: 'TrainState', config: ml_collections.ConfigDict) -> 'T
 def initialise(init: Callable, *args):
   """init(*args) jitted and compiled as `create_train_state` compiles the model's: unoptimised
   on CPU, where an initialisation's random-number generators compile far longer optimised
-  than they run unoptimised (for the state methods keep in `extras`)."""
+  than they run unoptimised (for the state methods keep in `extras`). Under a trace
+  (`abstract_train_state`) it is init(*args) itself: only its shapes are wanted."""
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+    return init(*args)
   lowered = jax.jit(init).lower(*args)
   return lowered.compile(_FAST_COMPILE if jax.default_backend() == 'cpu' else None)(*args)
 
@@ -138,11 +141,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   `extras` from it, with a key of its own derived from `key`.
   With config.reco_bank_size > 0, extras hold the empty ReCo feature bank (losses/reco_bank.py).
   """
-  shape = tuple(int(s) for s in image_shape)
-  if len(shape) == 3:
-    shape = (1,) + shape
-  if len(shape) != 4 or shape[-1] != 3:
-    raise ValueError(f'image_shape must be (H, W, 3) or (B, H, W, 3), got {image_shape}.')
+  shape = _input_shape(image_shape)
   dummy = jnp.zeros(shape, jnp.float32)
   init = jax.jit(functools.partial(model.init, train=False)).lower(key, dummy)
   # Initialisation runs once and, on CPU, compiling its many random-number generators
@@ -159,6 +158,36 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
     if weights.path:
       variables = _load_initial_weights(weights.path, variables)
   return create_train_state_from(config, model, variables, key, shape, mesh=mesh)
+
+
+def _input_shape(image_shape: Sequence[int]) -> tuple[int, int, int, int]:
+  """(B, H, W, 3) of create_train_state's image_shape."""
+  shape = tuple(int(s) for s in image_shape)
+  if len(shape) == 3:
+    shape = (1,) + shape
+  if len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f'image_shape must be (H, W, 3) or (B, H, W, 3), got {image_shape}.')
+  return shape
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                         image_shape: Sequence[int], mesh: jax.sharding.Mesh | None = None
+                         ) -> TrainState:
+  """The structure of `create_train_state`'s state, every leaf a jax.ShapeDtypeStruct
+  (replicated on `mesh`, or on the first local device without one): a checkpoint's restore
+  target, found without initialising or compiling anything."""
+  shape = _input_shape(image_shape)
+
+  def build(key):
+    variables = dict(model.init(key, jnp.zeros(shape, jnp.float32), train=False))
+    variables.setdefault('batch_stats', {})
+    return create_train_state_from(config, model, variables, key, shape)
+
+  state = jax.eval_shape(build, jax.random.key(0))
+  sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+              else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      state)
 
 
 def _load_initial_weights(path: str, variables: dict) -> dict:

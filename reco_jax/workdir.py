@@ -97,12 +97,6 @@ def checkpoint_managers(workdir: str | epath.Path, keep: int
   return latest, best
 
 
-def abstract(tree):
-  """ShapeDtypeStructs (with shardings) of a pytree of arrays: an orbax restore target."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
 def checkpoint_steps(directory: epath.Path, best: bool) -> tuple[list[int], int | None]:
   """(all steps, best or latest step) of the checkpoints in `directory` (read only)."""
   if not directory.exists():
@@ -180,16 +174,12 @@ def restore_state(config: ml_collections.ConfigDict, model: nn.Module,
                   mesh: jax.sharding.Mesh | None = None) -> state_lib.TrainState:
   """The train state of `step` from the orbax checkpoints in `directory`.
 
-  Restores into an abstract target built like the trainer's state (state.create_train_state
-  with the config's model and crop size), so every leaf comes back with the trainer's shape,
-  dtype and (replicated on `mesh`) sharding. config.init_weights is not read: the checkpoint
-  replaces whatever the initialisation would load.
+  Restores into the structure of the trainer's state (`state.abstract_train_state` with the
+  config's model and crop size), so every leaf comes back with the trainer's shape, dtype and
+  (replicated on `mesh`) sharding. config.init_weights is not read: the checkpoint replaces
+  whatever the initialisation would load.
   """
-  like = state_lib.create_train_state(config, model, jax.random.key(0),
-                                      (*tuple(config.crop_size), 3), mesh=mesh,
-                                      initial_weights=False)
-  target = abstract(like)
-  del like
+  target = state_lib.abstract_train_state(config, model, (*tuple(config.crop_size), 3), mesh)
   options = ocp.CheckpointManagerOptions(create=False)
   _quiet_abandoned_reads()
   with ocp.CheckpointManager(epath.Path(directory), options=options) as manager:

@@ -88,7 +88,10 @@ if LoadScopeScheduling is not None:
       module = nodeid.split('::', 1)[0]
       name = module.rsplit('/', 1)[-1]
       if name in SHARED_STEP_MODULES:
-        return 'shared train steps'
+        # UniMatch's steps are shared by its golden cases and test_unimatch alone: a unit of
+        # their own, which the other worker can take.
+        unimatch = name == 'test_unimatch.py' or '[unimatch' in nodeid
+        return 'shared train steps' + (': unimatch' if unimatch else '')
       return module if name in SHARED_RUN_MODULES else nodeid
 
   def pytest_xdist_make_scheduler(config, log):

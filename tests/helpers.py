@@ -22,7 +22,6 @@ from reco_jax import methods
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax import steps
-from reco_jax import workdir as workdir_lib
 from reco_jax.models import deeplab
 
 # ------------------------------------------------------------------ the tiny DeepLabV3+ steps
@@ -242,9 +241,15 @@ def host(tree):
   return jax.tree.map(np.asarray, tree)
 
 
+def abstract(tree):
+  """ShapeDtypeStructs (with shardings) of a pytree of arrays: an orbax restore target."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def restore(directory, step, like):
   with ocp.CheckpointManager(directory) as manager:
-    return manager.restore(step, args=ocp.args.StandardRestore(workdir_lib.abstract(like)))
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract(like)))
 
 
 @contextlib.contextmanager
@@ -268,6 +273,43 @@ def persistent_compilation_cache(directory, min_compile_secs: float):
     for name, value in saved.items():
       jax.config.update(name, value)
     reset()
+
+
+@contextlib.contextmanager
+def reused_trainer_compilations():
+  """While the context lasts, trainer runs of equal configs in this process share their
+  models, optimisers and jitted steps, so that a rerun (a resumed, killed or preempted copy of
+  a run) neither traces nor compiles its train and eval steps again.
+
+  Only the building of pure functions of the config is cached (each keyed by the config's
+  JSON): what a run computes, restores and writes is unchanged. A model is shared, not only an
+  equal one, because the state holds its bound `apply`, which jit compares by identity.
+  """
+  def memo(fn, key):
+    cache = {}
+
+    @functools.wraps(fn)
+    def cached(*args, **kwargs):
+      k = key(*args, **kwargs)
+      if k not in cache:
+        cache[k] = fn(*args, **kwargs)
+      return cache[k]
+    return cached
+
+  name = lambda config: config.to_json_best_effort(sort_keys=True)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(methods, 'stage_model', memo(
+        methods.stage_model, lambda stage: (stage.kind, name(stage.config))))
+    patch.setattr(steps, 'make_train_step', memo(
+        steps.make_train_step, lambda config, model, mesh, method=None: (
+            name(config), model, mesh, getattr(method, 'name', None))))
+    patch.setattr(steps, 'make_eval_step', memo(
+        steps.make_eval_step, lambda config, model, mesh=None: (name(config), model, mesh)))
+    patch.setattr(state_lib, 'learning_rate_schedule', memo(
+        state_lib.learning_rate_schedule, name))
+    patch.setattr(state_lib, 'make_optimizer', memo(
+        state_lib.make_optimizer, lambda config, schedule=None: (name(config), schedule)))
+    yield
 
 
 def sigterm_at_call(monkeypatch, call: int):

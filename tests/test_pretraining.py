@@ -40,7 +40,8 @@ STEPS = 4
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
-  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0), \
+       helpers.reused_trainer_compilations():
     yield
 
 

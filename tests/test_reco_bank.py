@@ -352,7 +352,7 @@ def test_resumed_mean_teacher_run_with_bank_matches_uninterrupted_run(tmp_path):
   manager.wait_until_finished()
   saved_bank = jax.tree.map(np.asarray, killed.extras[reco_bank.NAME])
   del killed
-  resumed = manager.restore(2, args=ocp.args.StandardRestore(workdir_lib.abstract(initial)))
+  resumed = manager.restore(2, args=ocp.args.StandardRestore(helpers.abstract(initial)))
   manager.close()
   best_manager.close()
   for name, value in jax.tree.map(np.asarray, resumed.extras[reco_bank.NAME]).items():

@@ -27,7 +27,8 @@ from reco_jax.methods import common
 from reco_jax.methods import s4gan
 from reco_jax.models import deeplab
 from reco_jax.models import discriminator as discriminator_lib
-from helpers import event_tags, host, persistent_compilation_cache, s4gan_batch, s4gan_config
+from helpers import (event_tags, host, persistent_compilation_cache, reused_trainer_compilations,
+                     s4gan_batch, s4gan_config)
 from helpers import toy_run_config
 import tolerances
 
@@ -372,9 +373,10 @@ def test_unsupported_s4gan_settings_are_clear_errors():
     config_checks.validate_config(c)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture
 def compilation_cache(tmp_path_factory):
-  with persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
+  with persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0), \
+       reused_trainer_compilations():
     yield
 
 

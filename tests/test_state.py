@@ -10,6 +10,7 @@ import pytest
 from reco_jax import parallel
 from reco_jax import state as state_lib
 from reco_jax.methods import mean_teacher
+import helpers
 import tolerances
 
 
@@ -158,3 +159,39 @@ def test_create_train_state_loads_initial_weights(monkeypatch):
 def test_bad_image_shape_is_rejected():
   with pytest.raises(ValueError, match='image_shape'):
     state_lib.create_train_state(make_config(), TinyNet(), jax.random.key(0), (8, 8))
+
+
+@pytest.mark.parametrize('extras', ['', 's4gan', 'reco_bank'])
+def test_abstract_train_state_is_the_structure_of_the_real_one_and_compiles_nothing(extras):
+  # A restore target: the same tree, static fields, shapes, dtypes and shardings as
+  # create_train_state's state, for methods that keep extras (S4GAN's discriminator, ReCo's
+  # feature bank) too.
+  model, config = TinyNet(), make_config()
+  if extras == 's4gan':
+    config = helpers.s4gan_config()
+  elif extras == 'reco_bank':
+    model = helpers.tiny_model()
+    config = helpers.tiny_config('supervised', reco=True, reco_bank_size=16, reco_bank_writes=8)
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  real = state_lib.create_train_state(config, model, jax.random.key(0), (9, 9, 3), mesh=mesh)
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    del duration, kwargs
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    abstract = state_lib.abstract_train_state(config, model, (9, 9, 3), mesh)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert not compiles
+  # Equal trees up to the static optimiser and schedule (functions made anew for each state).
+  paths = lambda state: [path for path, _ in jax.tree_util.tree_leaves_with_path(state)]
+  assert paths(abstract) == paths(real)
+  assert abstract.apply_fn == real.apply_fn
+  assert bool(real.extras) == bool(extras)
+  for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real), strict=True):
+    assert isinstance(a, jax.ShapeDtypeStruct)
+    assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)

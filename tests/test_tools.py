@@ -47,7 +47,8 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
   """A persistent XLA cache: the tools' eval steps reuse the trainer's compilations."""
-  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.5):
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.5), \
+       helpers.reused_trainer_compilations():
     yield
 
 

@@ -35,8 +35,9 @@ pytestmark = pytest.mark.filterwarnings(ORBAX_UNAWAITED_READS)
 
 @pytest.fixture(scope='module', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for this module's runs (each step compiles once), then none."""
-  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0):
+  """For this module's runs, a persistent XLA cache and steps reused by reruns, then neither."""
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0), \
+       helpers.reused_trainer_compilations():
     yield
 
 
