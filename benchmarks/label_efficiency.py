@@ -395,7 +395,10 @@ def _plot(scores, methods, budgets, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = plt.subplots(figsize=(10, 5))
+  # A colour and marker per row (matplotlib's default cycle repeats its colours after ten).
+  palette = plt.get_cmap('tab20').colors
+  styles = {m.key: (palette[i % len(palette)], 'osD^v<>p'[i % 8]) for i, m in enumerate(methods)}
   # Rows at the same budget are spread sideways so that their error bars do not overlap.
   at = {b: [m.key for m in methods if (m.key, b) in scores] for b in budgets}
   width = 0.04 * (max(budgets) - min(budgets) or max(budgets))
@@ -409,9 +412,10 @@ def _plot(scores, methods, budgets, path: pathlib.Path) -> None:
     v = [100 * np.asarray(list(scores[method.key, b].values())) for b in xs]
     mean = np.array([x.mean() for x in v])
     err = np.array([[m - x.min() for m, x in zip(mean, v)], [x.max() - m for m, x in zip(mean, v)]])
-    bars = ax.errorbar(np.add(xs, dodge), mean, yerr=err, marker='o', capsize=3,
-                       ls='-' if len(xs) > 1 else 'none', label=method.name)
-    colours[method.key] = bars[0].get_color()
+    colour, marker = styles[method.key]
+    ax.errorbar(np.add(xs, dodge), mean, yerr=err, marker=marker, color=colour, capsize=3,
+                ls='-' if len(xs) > 1 else 'none', label=method.name)
+    colours[method.key] = colour
   top = ax.get_ylim()[1]
   for method in methods:
     if (method.key, 0) in scores:
@@ -426,7 +430,7 @@ def _plot(scores, methods, budgets, path: pathlib.Path) -> None:
   ax.set_xticks(budgets)
   ax.set_title('reco_toy: mean and range over seeds')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='lower right')
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))  # beside, not over
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
