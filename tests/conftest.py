@@ -55,6 +55,7 @@ if os.environ.get('RECO_JAX_TOLERANCE_LOG'):
 import helpers  # noqa: E402  (after the device and XLA settings above)
 from reco_jax import data as data_lib  # noqa: E402
 from reco_jax import parallel  # noqa: E402
+from reco_jax import train  # noqa: E402
 
 
 def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
@@ -67,11 +68,13 @@ def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
 
 
 # Under `-n auto`, tests that share work in a process are one unit, which one worker runs:
-# a module whose tests share a trained run (a module fixture), so that it is trained once; the
+# the modules whose tests share a trained run, so that it is trained once (test_train and
+# test_tools share the session's `toy_run`, test_pretraining trains its staged run); the
 # modules whose tests compile the same train steps (`helpers.compile_step`: the golden configs),
 # so that each compiles once. Every other test is a unit of its own. Units with the most tests
 # go first.
-SHARED_RUN_MODULES = ('test_train.py', 'test_tools.py', 'test_pretraining.py')
+SHARED_RUN_UNITS = {'test_train.py': 'the toy run', 'test_tools.py': 'the toy run',
+                    'test_pretraining.py': 'the staged run'}
 SHARED_STEP_MODULES = ('test_golden_steps.py', 'test_steps.py', 'test_parallel_equivalence.py',
                        'test_unimatch.py')
 
@@ -92,7 +95,7 @@ if LoadScopeScheduling is not None:
         # their own, which the other worker can take.
         unimatch = name == 'test_unimatch.py' or '[unimatch' in nodeid
         return 'shared train steps' + (': unimatch' if unimatch else '')
-      return module if name in SHARED_RUN_MODULES else nodeid
+      return SHARED_RUN_UNITS.get(name, nodeid)
 
   def pytest_xdist_make_scheduler(config, log):
     return _SharedWorkScheduling(config, log)
@@ -105,6 +108,37 @@ def toy_data_dir(tmp_path_factory):
   with filelock.FileLock(data_dir.with_suffix('.lock')):  # one worker builds, the others wait
     data_lib.prepare('reco_toy/tiny', str(data_dir))
   return str(data_dir)
+
+
+@pytest.fixture(scope='session')
+def jax_cache_dir(tmp_path_factory):
+  """This worker's persistent XLA cache, shared by the modules that run the trainer."""
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+@pytest.fixture(scope='module')
+def trainer_compilations(jax_cache_dir):  # pylint: disable=redefined-outer-name
+  """For a module's trainer runs: the worker's persistent XLA cache, and a rerun's model,
+  optimiser and steps reused (`helpers.reused_trainer_compilations`); then neither."""
+  with helpers.persistent_compilation_cache(jax_cache_dir, 0.0), \
+       helpers.reused_trainer_compilations():
+    yield
+
+
+@pytest.fixture(scope='session')
+def toy_run(toy_data_dir, jax_cache_dir, tmp_path_factory):  # pylint: disable=redefined-outer-name
+  """(config, workdir, final state) of a finished runlocal toy run, trained once per worker for
+  the modules that need a trained workdir (test_train, test_tools).
+
+  ClassMix + ReCo (Mean Teacher: the teacher is evaluated) for TOY_STEPS steps on
+  reco_toy/tiny, evaluated and checkpointed at steps 2 and 4.
+  """
+  config = helpers.toy_run_config(toy_data_dir, eval_every_steps=2)
+  workdir = tmp_path_factory.mktemp('toy_run')
+  with helpers.persistent_compilation_cache(jax_cache_dir, 0.0), \
+       helpers.reused_trainer_compilations():
+    state = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, state
 
 
 # The tiny DeepLabV3+ of the step tests (helpers.tiny_model) on one device.

@@ -237,6 +237,19 @@ def event_tags(workdir):
   return {k: sorted(v) for k, v in tags.items()}
 
 
+def logged_scalars(workdir, prefix='eval/'):
+  """{tag: {step: float32 value}} of the scalars under `prefix` in `workdir`'s event files."""
+  values = {}
+  for path in sorted(pathlib.Path(workdir).glob('events.out.tfevents.*')):
+    for record in tf.data.TFRecordDataset(str(path)):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for v in event.summary.value:
+        value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else None
+        if v.tag.startswith(prefix) and value is not None and value.size == 1:
+          values.setdefault(v.tag, {})[event.step] = value.item()
+  return values
+
+
 def host(tree):
   return jax.tree.map(np.asarray, tree)
 
@@ -275,6 +288,9 @@ def persistent_compilation_cache(directory, min_compile_secs: float):
     reset()
 
 
+_TRAINER_BUILDS: dict[str, dict] = {}  # reused_trainer_compilations' cache, by function name
+
+
 @contextlib.contextmanager
 def reused_trainer_compilations():
   """While the context lasts, trainer runs of equal configs in this process share their
@@ -283,10 +299,12 @@ def reused_trainer_compilations():
 
   Only the building of pure functions of the config is cached (each keyed by the config's
   JSON): what a run computes, restores and writes is unchanged. A model is shared, not only an
-  equal one, because the state holds its bound `apply`, which jit compares by identity.
+  equal one, because the state holds its bound `apply`, which jit compares by identity. The
+  cache outlives the context, so that the modules sharing a session's run (`toy_run`) reuse
+  what it compiled.
   """
   def memo(fn, key):
-    cache = {}
+    cache = _TRAINER_BUILDS.setdefault(fn.__name__, {})
 
     @functools.wraps(fn)
     def cached(*args, **kwargs):

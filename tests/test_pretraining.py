@@ -38,11 +38,7 @@ from helpers import event_tags, host, toy_run_config
 STEPS = 4
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0), \
-       helpers.reused_trainer_compilations():
-    yield
+pytestmark = pytest.mark.usefixtures('trainer_compilations')
 
 
 def _pretrain_config(mode='within', **overrides):
@@ -61,9 +57,15 @@ def _batch(config, rng):
 
 
 @pytest.mark.parametrize('mode', ['within', 'cross'])
-def test_pretraining_step_loss_is_the_standalone_loss(mode):
-  config = stages.pretraining_config(_pretrain_config(mode))
-  stage = stages.Stage('pretrain', stages.PRETRAIN, config)
+def test_pretraining_step_loss_is_the_standalone_loss(mode, request):
+  # Within-image: the staged run's pretraining stage, whose compiled step is reused here.
+  if mode == 'within':
+    stage = stages.plan(request.getfixturevalue('staged_run')[0])[0]
+  else:
+    stage = stages.Stage('pretrain', stages.PRETRAIN, stages.pretraining_config(
+        _pretrain_config(mode)))
+  config = stage.config
+  assert stage.kind == stages.PRETRAIN
   network, method = methods.stage_model(stage)
   mesh = parallel.make_mesh()
   state = state_lib.create_train_state(config, network, jax.random.key(1),

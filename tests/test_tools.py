@@ -1,7 +1,8 @@
 """The after-training tools on a real toy workdir: evaluate, predict, relations, results.
 
-One 10-step semi-supervised run of configs/toy.py:runlocal (48-image reco_toy/tiny) is
-trained once for the module; every tool then reads that workdir as a user would.
+The session's toy run (`toy_run` in conftest.py: 4 steps of ClassMix + ReCo on the 48-image
+reco_toy/tiny, evaluated at steps 2 and 4), shared with test_train; every tool reads its
+workdir as a user would.
 """
 import contextlib
 import functools
@@ -20,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import helpers
-from configs import toy
 from reco_jax import class_stats
 from reco_jax import data as data_lib
 from reco_jax import evaluate
@@ -34,7 +33,6 @@ from reco_jax import predict
 from reco_jax import relations
 from reco_jax import results
 from reco_jax import steps
-from reco_jax import train
 from reco_jax import viz
 from reco_jax import workdir as workdir_lib
 from reco_jax.data import base
@@ -44,50 +42,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache: the tools' eval steps reuse the trainer's compilations."""
-  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.5), \
-       helpers.reused_trainer_compilations():
-    yield
-
-
-@pytest.fixture(scope='module')
-def toy_run(toy_data_dir, tmp_path_factory):
-  """(config, workdir) of a finished runlocal toy run (evaluated at steps 5 and 10).
-
-  Mean Teacher with CutOut and no ReCo: a semi-supervised run (the teacher is evaluated) whose
-  train step compiles in half the time of ClassMix + ReCo; the model, its representation
-  head included, is the same.
-  """
-  config = toy.get_config('runlocal,method=cutout,reco=False')
-  config.data_dir = toy_data_dir
-  config.num_image_summaries = 0  # The trainer's image summaries are not the tools' concern.
-  workdir = tmp_path_factory.mktemp('toy_run')
-  train.train_and_evaluate(config, str(workdir))
-  return config, workdir
+pytestmark = pytest.mark.usefixtures('trainer_compilations')
 
 
 @pytest.fixture(scope='module')
 def loaded(toy_run):
-  """The run's latest checkpoint (step 10) loaded back, its builder and the mesh."""
-  _, workdir = toy_run
+  """The run's latest checkpoint (step 4) loaded back, its builder and the mesh."""
+  _, workdir, _ = toy_run
   mesh = parallel.make_mesh()
   run = workdir_lib.load_run(workdir, 'latest', mesh=mesh)
   return run, data_lib.prepare_for_config(run.config, flags='--'), mesh
-
-
-def logged(workdir, prefix='eval/'):
-  """{tag: {step: float32 value}} of the run's event files."""
-  values = {}
-  for path in sorted(pathlib.Path(workdir).glob('events.out.tfevents.*')):
-    for record in tf.data.TFRecordDataset(str(path)):
-      event = tf.compat.v1.Event.FromString(record.numpy())
-      for v in event.summary.value:
-        value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else None
-        if v.tag.startswith(prefix) and value is not None and value.size == 1:
-          values.setdefault(v.tag, {})[event.step] = value.item()
-  return values
 
 
 def validation_examples(builder):
@@ -98,19 +62,19 @@ def validation_examples(builder):
 
 
 def test_evaluate_reproduces_the_training_time_evaluation(toy_run, loaded, tmp_path):
-  config, workdir = toy_run
+  _, workdir, _ = toy_run
   run, builder, mesh = loaded
-  events = logged(workdir)
-  assert sorted(events['eval/miou']) == [5, 10]
+  events = helpers.logged_scalars(workdir)
+  assert sorted(events['eval/miou']) == [2, 4]
   # 'best' is the step with the highest logged mIoU; 'latest' the last checkpoint.
   best_step = max(events['eval/miou'], key=events['eval/miou'].get)
   assert workdir_lib.find_checkpoint(workdir, 'best')[1] == best_step
-  assert run.step == 10
+  assert run.step == 4
   # Every valid validation pixel is counted once (the toy images fit the 97x97 canvas).
   pixels = sum(int((ex['label'] != 255).sum()) for ex in validation_examples(builder))
   names = base.class_names(builder)
-  for step in (10, 5):
-    this = run if step == 10 else workdir_lib.load_run(workdir, step, mesh=mesh)
+  for step in (4, 2):
+    this = run if step == 4 else workdir_lib.load_run(workdir, step, mesh=mesh)
     result = evaluate.evaluate_run(this, builder, 'validation', mesh=mesh)
     assert result.step == step and result.num_pixels == pixels
     # The trainer logs float32 scalars: the tool's float64 values round to them exactly.
@@ -403,7 +367,7 @@ def test_results_keep_uniform_subsets_apart_from_class_balanced_ones(tmp_path):
   assert len(table.runs['Supervised', 'all labels']) == 1  # every image: no subset to draw
 
 
-def test_results_table_means_ranges_and_unfinished_runs(tmp_path):
+def test_results_table_means_ranges_and_unfinished_runs(tmp_path, capsys):
   sweep = _sweep_module()
   grid = {(r.dataset, r.name, r.config_arg): r.subdir for r in sweep.table1(['voc'], [0, 1, 2])}
   root = tmp_path / 'runs'
@@ -450,16 +414,16 @@ def test_results_table_means_ranges_and_unfinished_runs(tmp_path):
   assert out.returncode == 0, out.stderr
   assert '58.00 (50.00-64.00)*' in out.stdout
   assert not (root / 'results.md').exists()  # A file only when asked for.
+  # --output, through the tool's main in this process.
   table = tmp_path / 'tables' / 'voc.md'
-  out = subprocess.run([sys.executable, '-m', 'reco_jax.results', str(root),
-                        f'--output={table}'], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=ENV)
-  assert out.returncode == 0, out.stderr
+  with tool_flags(results, str(root), f'--output={table}') as argv:
+    results.main(argv)
   assert table.read_text().startswith('# Results')
-  out = subprocess.run([sys.executable, '-m', 'reco_jax.results', str(root),
-                        f'--output={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=ENV)
-  assert out.returncode == 2 and 'is a directory' in out.stderr
+  assert f'Wrote {table} (4 runs).' in capsys.readouterr().out
+  with tool_flags(results, str(root), f'--output={tmp_path}') as argv:
+    with pytest.raises(SystemExit) as exit_info:
+      results.main(argv)
+  assert exit_info.value.code == 2 and 'is a directory' in capsys.readouterr().err
   sweep_out = subprocess.run([sys.executable, str(ROOT / 'launch' / 'sweep.py'), '--dry-run',
                               '--tables=1', '--datasets=voc', f'--workdir_root={root}'],
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -470,7 +434,7 @@ def test_results_table_means_ranges_and_unfinished_runs(tmp_path):
 
 
 def test_bad_input_errors_name_what_was_expected(toy_run, tmp_path):
-  _, workdir = toy_run
+  _, workdir, _ = toy_run
   with pytest.raises(FileNotFoundError, match=r'has no config\.json.*reco_jax\.main'):
     workdir_lib.read_config(tmp_path)
   with pytest.raises(FileNotFoundError, match='does not exist'):
@@ -480,10 +444,10 @@ def test_bad_input_errors_name_what_was_expected(toy_run, tmp_path):
   (bare / 'config.json').write_text((workdir / 'config.json').read_text())
   with pytest.raises(FileNotFoundError, match=r'has no checkpoints.*checkpoints_best'):
     workdir_lib.find_checkpoint(bare)
-  with pytest.raises(ValueError, match=r"Unknown checkpoint 'newest'.*best, latest.*\[5, 10\]"):
+  with pytest.raises(ValueError, match=r"Unknown checkpoint 'newest'.*best, latest.*\[2, 4\]"):
     workdir_lib.find_checkpoint(workdir, 'newest')
-  with pytest.raises(ValueError, match=r'no checkpoint of step 7.*\[5, 10\]'):
-    workdir_lib.find_checkpoint(workdir, '7')
+  with pytest.raises(ValueError, match=r'no checkpoint of step 3.*\[2, 4\]'):
+    workdir_lib.find_checkpoint(workdir, '3')
   with pytest.raises(FileNotFoundError, match=r'matches no image files.*--images'):
     predict.find_images([str(tmp_path / '*.png')])
   with pytest.raises(FileNotFoundError, match='matches no run.*config.json'):
@@ -508,14 +472,14 @@ def tool_flags(module, *args):
 
 
 def test_main_functions(toy_run, tmp_path, capsys):
-  _, workdir = toy_run
-  events = logged(workdir)
+  _, workdir, _ = toy_run
+  events = helpers.logged_scalars(workdir)
   with tool_flags(evaluate, f'--workdir={workdir}', '--checkpoint=latest',
                   f'--output={tmp_path / "latest.md"}') as argv:
     evaluate.main(argv)
   printed = capsys.readouterr().out
-  assert 'checkpoint: step 10' in printed
-  assert f'mIoU: {100 * events["eval/miou"][10]:.2f} %' in printed
+  assert 'checkpoint: step 4' in printed
+  assert f'mIoU: {100 * events["eval/miou"][4]:.2f} %' in printed
   assert (tmp_path / 'latest.md').exists() and (tmp_path / 'latest_confusion.png').exists()
   # Bad input ends a tool with its message alone (exit status 2), not a traceback.
   for module, args, message in (

@@ -30,42 +30,28 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The unawaited Orbax reads of test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before.
 ORBAX_UNAWAITED_READS = ('ignore:Exception ignored in. <coroutine object '
                          '_read_array_index_and_device_put:pytest.PytestUnraisableExceptionWarning')
-pytestmark = pytest.mark.filterwarnings(ORBAX_UNAWAITED_READS)
+# The run of the session (conftest.toy_run), shared with test_tools, and its reruns' steps.
+pytestmark = [pytest.mark.filterwarnings(ORBAX_UNAWAITED_READS),
+              pytest.mark.usefixtures('trainer_compilations')]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """For this module's runs, a persistent XLA cache and steps reused by reruns, then neither."""
-  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0), \
-       helpers.reused_trainer_compilations():
-    yield
-
-
-@pytest.fixture(scope='module')
-def full_run(toy_data_dir, tmp_path_factory):
-  """An uninterrupted TOY_STEPS-step ClassMix + ReCo run: (config, workdir, final state)."""
-  config = toy_run_config(toy_data_dir)
-  workdir = tmp_path_factory.mktemp('full_run')
-  state = train.train_and_evaluate(config, str(workdir))
-  return config, workdir, state
-
-
-def test_end_to_end_writes_events_checkpoints_config_and_ids(full_run):
-  config, workdir, state = full_run
+def test_end_to_end_writes_events_checkpoints_config_and_ids(toy_run):
+  config, workdir, state = toy_run
   assert int(state.step) == TOY_STEPS
   tags = event_tags(workdir)
-  assert tags['eval/miou'] == [TOY_STEPS]
-  assert tags['eval/iou/background'] == [TOY_STEPS] and 'eval/iou/rings' in tags
+  assert tags['eval/miou'] == [2, TOY_STEPS]
+  assert tags['eval/iou/background'] == [2, TOY_STEPS] and 'eval/iou/rings' in tags
   assert tags['train/loss'] == [1, 2, 3, 4]
   for name in ('sup_loss', 'unsup_loss', 'reco_loss', 'learning_rate', 'pseudo_confidence',
                'images_per_second'):
     assert f'train/{name}' in tags, name
   # image | ground truth | prediction | easy | hard query panels, and the relation graph.
-  assert tags['eval/examples'] == [TOY_STEPS] and tags['eval/relations_R'] == [TOY_STEPS]
+  assert tags['eval/examples'] == [2, TOY_STEPS] and tags['eval/relations_R'] == [2, TOY_STEPS]
   with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
     assert manager.all_steps() == [2, 4]
+  miou = helpers.logged_scalars(workdir)['eval/miou']
   with ocp.CheckpointManager(workdir / 'checkpoints_best') as manager:
-    assert manager.all_steps() == [TOY_STEPS]
+    assert manager.all_steps() == [max(miou, key=miou.get)]
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['dataset'] == 'reco_toy/tiny' and saved['num_train_steps'] == TOY_STEPS
   assert saved['model']['backbone'] == 'resnet_tiny' and saved['method'] == 'classmix'
@@ -78,10 +64,10 @@ def test_end_to_end_writes_events_checkpoints_config_and_ids(full_run):
       jax.tree.leaves(host(restored.params))[0], jax.tree.leaves(host(state.params))[0])
 
 
-def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
-  config, workdir, state = full_run
+def test_resumed_run_matches_uninterrupted_run(toy_run, tmp_path):
+  config, workdir, state = toy_run
   # A run killed after its step-2 checkpoint: the same workdir without the later one. (Its
-  # best-mIoU checkpoint of step 4 stays: a run can stop between the two saves of a step.)
+  # best-mIoU checkpoint stays: a run can stop between the two saves of a step.)
   killed = tmp_path / 'killed'
   shutil.copytree(workdir, killed)
   shutil.rmtree(killed / 'checkpoints' / str(TOY_STEPS))
@@ -99,8 +85,8 @@ def test_resumed_run_matches_uninterrupted_run(full_run, tmp_path):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(
-    full_run, toy_data_dir, tmp_path, monkeypatch):
-  config, full_workdir, _ = full_run
+    toy_run, toy_data_dir, tmp_path, monkeypatch):
+  config, full_workdir, _ = toy_run
   make_train_step = steps.make_train_step
 
   def make_poisoned(*args, **kwargs):
@@ -124,7 +110,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(
   with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
     assert manager.latest_step() == 2
   # The kept checkpoint is finite and equal to the healthy run's step-2 checkpoint.
-  like = restore(full_workdir / 'checkpoints', 2, full_run[2])
+  like = restore(full_workdir / 'checkpoints', 2, toy_run[2])
   kept = restore(workdir / 'checkpoints', 2, like)
   for x, y in zip(jax.tree.leaves(host(like)), jax.tree.leaves(host(kept))):
     assert np.all(np.isfinite(x))
@@ -147,8 +133,8 @@ def _assert_same_state(a, b):
       np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_a_workdir_holds_one_run(full_run, toy_data_dir, tmp_path):
-  config, workdir, _ = full_run
+def test_a_workdir_holds_one_run(toy_run, toy_data_dir, tmp_path):
+  config, workdir, _ = toy_run
   reused = _killed_copy(workdir, tmp_path, 'reused')
   before = {name: (reused / name).read_text() for name in ('config.json', 'labelled_ids.txt')}
   other = toy_run_config(toy_data_dir, method='supervised', labels=8)
@@ -166,9 +152,9 @@ def test_a_workdir_holds_one_run(full_run, toy_data_dir, tmp_path):
   assert int(resumed.step) == config.num_train_steps
 
 
-def test_a_second_trainer_on_a_workdir_is_refused(full_run, toy_data_dir, tmp_path):
+def test_a_second_trainer_on_a_workdir_is_refused(toy_run, toy_data_dir, tmp_path):
   import fcntl  # pylint: disable=g-import-not-at-top
-  config, workdir, _ = full_run
+  config, workdir, _ = toy_run
   busy = _killed_copy(workdir, tmp_path, 'busy')
   with open(busy / '.lock', 'a+') as held:  # a live trainer holds it
     fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -182,8 +168,8 @@ def test_a_second_trainer_on_a_workdir_is_refused(full_run, toy_data_dir, tmp_pa
 # (and a callback on a closed event loop): Python reports them when it collects them, in this
 # test or a later one of this module (ORBAX_UNAWAITED_READS).
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(full_run, tmp_path, capsys):
-  config, workdir, state = full_run
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(toy_run, tmp_path, capsys):
+  config, workdir, state = toy_run
   broken = _killed_copy(workdir, tmp_path, 'broken')
   files = sorted((p for p in (broken / 'checkpoints' / str(TOY_STEPS)).rglob('*') if p.is_file()),
                  key=lambda p: p.stat().st_size)
@@ -239,9 +225,9 @@ def test_short_cause_keeps_the_first_line_without_tensorstores_pointer():
   assert long.endswith('word [...]') and len(long) < 230
 
 
-def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(full_run, tmp_path, monkeypatch):
+def test_sigterm_saves_the_step_and_the_rerun_resumes_exactly(toy_run, tmp_path, monkeypatch):
   from reco_jax import preemption  # pylint: disable=g-import-not-at-top
-  config, _, state = full_run
+  config, _, state = toy_run
   workdir = tmp_path / 'preempted'
   helpers.sigterm_at_call(monkeypatch, 3)
   with pytest.raises(preemption.Preempted, match='stopped at step 3 after saving'):
