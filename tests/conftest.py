@@ -120,8 +120,7 @@ def jax_cache_dir(tmp_path_factory):
 def trainer_compilations(jax_cache_dir):  # pylint: disable=redefined-outer-name
   """For a module's trainer runs: the worker's persistent XLA cache, and a rerun's model,
   optimiser and steps reused (`helpers.reused_trainer_compilations`); then neither."""
-  with helpers.persistent_compilation_cache(jax_cache_dir, 0.0), \
-       helpers.reused_trainer_compilations():
+  with helpers.trainer_compilations(jax_cache_dir):
     yield
 
 
@@ -135,8 +134,7 @@ def toy_run(toy_data_dir, jax_cache_dir, tmp_path_factory):  # pylint: disable=r
   """
   config = helpers.toy_run_config(toy_data_dir, eval_every_steps=2)
   workdir = tmp_path_factory.mktemp('toy_run')
-  with helpers.persistent_compilation_cache(jax_cache_dir, 0.0), \
-       helpers.reused_trainer_compilations():
+  with helpers.trainer_compilations(jax_cache_dir):
     state = train.train_and_evaluate(config, str(workdir))
   return config, workdir, state
 

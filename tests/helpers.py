@@ -330,6 +330,13 @@ def reused_trainer_compilations():
     yield
 
 
+@contextlib.contextmanager
+def trainer_compilations(cache_dir):
+  """A persistent XLA cache in `cache_dir` and reused trainer compilations, while it lasts."""
+  with persistent_compilation_cache(cache_dir, 0.0), reused_trainer_compilations():
+    yield
+
+
 def sigterm_at_call(monkeypatch, call: int):
   """Makes the process receive a real SIGTERM during its `call`-th training step."""
   import signal  # pylint: disable=g-import-not-at-top

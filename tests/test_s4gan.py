@@ -27,8 +27,7 @@ from reco_jax.methods import common
 from reco_jax.methods import s4gan
 from reco_jax.models import deeplab
 from reco_jax.models import discriminator as discriminator_lib
-from helpers import (event_tags, host, persistent_compilation_cache, reused_trainer_compilations,
-                     s4gan_batch, s4gan_config)
+from helpers import event_tags, host, s4gan_batch, s4gan_config, trainer_compilations
 from helpers import toy_run_config
 import tolerances
 
@@ -374,9 +373,8 @@ def test_unsupported_s4gan_settings_are_clear_errors():
 
 
 @pytest.fixture
-def compilation_cache(tmp_path_factory):
-  with persistent_compilation_cache(tmp_path_factory.mktemp('jax_cache'), 0.0), \
-       reused_trainer_compilations():
+def compilation_cache(jax_cache_dir):
+  with trainer_compilations(jax_cache_dir):
     yield
 
 
