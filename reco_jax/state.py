@@ -115,9 +115,9 @@ def with_optimizer(state: 'TrainState', config: ml_collections.ConfigDict) -> 'T
 
 
 def initialise(init: Callable, *args):
-  """init(*args) jitted and compiled as `create_train_state` compiles the model's: unoptimised
-  on CPU, where an initialisation's random-number generators compile far longer optimised
-  than they run unoptimised (for the state methods keep in `extras`). Under a trace
+  """init(*args) jitted and compiled unoptimised on CPU: an initialisation runs once, and its
+  many random-number generators compile far longer optimised than they run unoptimised (the
+  model's, and those of the state methods keep in `extras`). Under a trace
   (`abstract_train_state`) it is init(*args) itself: only its shapes are wanted."""
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
     return init(*args)
@@ -142,15 +142,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
   With config.reco_bank_size > 0, extras hold the empty ReCo feature bank (losses/reco_bank.py).
   """
   shape = _input_shape(image_shape)
-  dummy = jnp.zeros(shape, jnp.float32)
-  init = jax.jit(functools.partial(model.init, train=False)).lower(key, dummy)
-  # Initialisation runs once and, on CPU, compiling its many random-number generators
-  # optimised takes far longer than running them unoptimised.
-  options = _FAST_COMPILE if jax.default_backend() == 'cpu' else None
-  variables = init.compile(options)(key, dummy)
-  variables = dict(variables)
-  if 'batch_stats' not in variables:
-    variables['batch_stats'] = {}
+  variables = _initial_variables(model, key, shape)
   if initial_weights:
     weights = imagenet.resolve(config.get('init_weights', ''),
                                config.get('model', {}).get('backbone'),
@@ -158,6 +150,15 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
     if weights.path:
       variables = _load_initial_weights(weights.path, variables)
   return create_train_state_from(config, model, variables, key, shape, mesh=mesh)
+
+
+def _initial_variables(model: nn.Module, key: jax.Array, shape: tuple[int, ...]) -> dict:
+  """The model's random initial variables for inputs of `shape` (batch_stats empty for a model
+  without any)."""
+  variables = dict(initialise(functools.partial(model.init, train=False), key,
+                              jnp.zeros(shape, jnp.float32)))
+  variables.setdefault('batch_stats', {})
+  return variables
 
 
 def _input_shape(image_shape: Sequence[int]) -> tuple[int, int, int, int]:
@@ -179,9 +180,8 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   shape = _input_shape(image_shape)
 
   def build(key):
-    variables = dict(model.init(key, jnp.zeros(shape, jnp.float32), train=False))
-    variables.setdefault('batch_stats', {})
-    return create_train_state_from(config, model, variables, key, shape)
+    return create_train_state_from(config, model, _initial_variables(model, key, shape), key,
+                                   shape)
 
   state = jax.eval_shape(build, jax.random.key(0))
   sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None

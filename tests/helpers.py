@@ -83,8 +83,20 @@ _COMPILED = {}
 _OPTIMIZERS = {}
 
 
+# The CPU code generation users run, with which tests/golden_steps.json was written (the suite
+# compiles the rest with the legacy emitters, see conftest.py).
+PRODUCTION_EMITTERS = {'xla_cpu_use_fusion_emitters': True}
+
+
 def uncached_step(config, model, mesh, state, batch, key):
-  return steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
+  return steps.make_train_step(config, model, mesh).lower(state, batch, key).compile(
+      PRODUCTION_EMITTERS)
+
+
+def jit_as_steps(fn, **kwargs):
+  """jax.jit(fn) compiled as `compile_step` compiles steps: for what a test compares with them
+  to a few ulps."""
+  return jax.jit(fn, compiler_options=PRODUCTION_EMITTERS, **kwargs)
 
 
 def compile_step(config, model, mesh, state, batch, key):

@@ -282,7 +282,7 @@ def test_supervised_step_on_four_devices_writes_the_steps_representations_to_the
     assert reco_bank.NAME not in metrics and float(metrics['reco_loss']) > 0
     banks.append(jax.tree.map(np.asarray, state.extras[reco_bank.NAME]))
 
-  @jax.jit
+  @helpers.jit_as_steps
   def first_entries(variables):
     """What step 1 must have written, computed on the whole batch at once."""
     (_, rep), _ = model.apply(variables, images, train=True, mutable=['batch_stats'])

@@ -127,7 +127,7 @@ def test_both_strong_views_get_their_own_boxes_and_colour_draws(model_and_state)
                                batch['unlabelled']['image'], scale_range=config.scale_range)[0]
     return inputs, weak, unimatch.strong_views(jax.random.key(2), weak, hue=config.hue_jitter)[0]
 
-  inputs, weak, v1 = jax.jit(views)(state, batch)
+  inputs, weak, v1 = helpers.jit_as_steps(views)(state, batch)
   box1, box2 = (np.asarray(b) for b in inputs['boxes'])
   assert not np.array_equal(box1, box2) and (box1.any() or box2.any())
   s1, s2 = (np.asarray(s) for s in inputs['strong'])
@@ -251,7 +251,7 @@ def test_the_step_is_its_pieces_composed_by_hand():
     new, _ = common.apply_update(state, grads, stats)
     return new.params, new.batch_stats, sup
 
-  params, stats, sup = jax.jit(composed)(state)
+  params, stats, sup = helpers.jit_as_steps(composed)(state)
   sharded = parallel.shard_batch(mesh, batch)
   step = helpers.compile_step(config, model, mesh, state, sharded, key)
   new_state, metrics = step(state, sharded, key)
