@@ -59,7 +59,7 @@ run() {  # run NAME SETTING [ENV=VALUE...] -- PYTEST ARGS: logs to $OUT/NAME.{lo
     RECO_JAX_TOLERANCE_LOG="$OUT/$name.jsonl" "${envs[@]}" \
     python -m pytest -q -p no:cacheprovider "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $((SECONDS - start))s $(tail -1 "$OUT/$name.log")" | tee -a "$OUT/runs.txt"
+  echo "$name rc=$rc $((SECONDS - start))s $(grep -E "(passed|failed|error)" "$OUT/$name.log" | tail -1)" | tee -a "$OUT/runs.txt"
 }
 
 : > "$OUT/runs.txt"
