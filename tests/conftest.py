@@ -7,11 +7,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # The tests' programs are compiled far more than they are run, so CPU code is generated cheaply:
 # - unoptimised: XLA's HLO passes, and so buffer assignment and memory analysis, stay as they are;
 # - by XLA's legacy CPU emitters, which compile a train step with about a third of the CPU
-#   time of the fusion emitters that users run. They round some operations differently
-#   (transcendentals, and how a fusion reduces), so the tests whose numbers must be those of
-#   users' programs compile with the fusion emitters (`helpers.PRODUCTION_EMITTERS`): the
-#   golden steps, every step they share (`helpers.compile_step`), and what tests compare with
-#   those steps to a few ulps.
+#   time of the fusion emitters that users run. They round some operations differently, so
+#   the tests whose numbers must be those of users' programs compile with the fusion emitters
+#   (`helpers.PRODUCTION_EMITTERS`): the golden steps, every step they share
+#   (`helpers.compile_step`), and what tests compare with those steps to a few ulps.
 # Subprocesses (the entry point, two-process runs) inherit the flags.
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_backend_optimization_level=0',
@@ -70,7 +69,6 @@ from reco_jax import train  # noqa: E402
 # collector's view, and it runs less often (6 % of the suite's CPU time).
 gc.freeze()
 gc.set_threshold(200_000, 50, 50)
-
 
 
 def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
