@@ -88,9 +88,10 @@ _OPTIMIZERS = {}
 PRODUCTION_EMITTERS = {'xla_cpu_use_fusion_emitters': True}
 
 
-def uncached_step(config, model, mesh, state, batch, key):
-  return steps.make_train_step(config, model, mesh).lower(state, batch, key).compile(
-      PRODUCTION_EMITTERS)
+def uncached_step(config, model, mesh, state, batch, key, method=None):
+  """The train step compiled as users' programs are (`PRODUCTION_EMITTERS`), every call anew."""
+  return steps.make_train_step(config, model, mesh, method=method).lower(
+      state, batch, key).compile(PRODUCTION_EMITTERS)
 
 
 def jit_as_steps(fn, **kwargs):

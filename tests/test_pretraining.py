@@ -81,8 +81,8 @@ def test_pretraining_step_loss_is_the_standalone_loss(mode, request):
   # The step and the loss by hand compile as users' programs do: compiled by the suite's
   # cheaper CPU emitters, the two programs' losses differ by 8e-4 of their value.
   sharded = parallel.shard_batch(mesh, batch)
-  _, metrics = steps.make_train_step(config, network, mesh, method=method).lower(
-      state, sharded, key).compile(helpers.PRODUCTION_EMITTERS)(state, sharded, key)
+  step = helpers.uncached_step(config, network, mesh, state, sharded, key, method=method)
+  _, metrics = step(state, sharded, key)
   # The same loss by hand: the step's keys, both views in one training-mode pass, the loss
   # function of losses/pixel_contrast.py on the embeddings.
   images, labels = batch['labelled']['image'], batch['labelled']['label']
