@@ -114,15 +114,26 @@ def with_optimizer(state: 'TrainState', config: ml_collections.ConfigDict) -> 'T
   return state.replace(tx=make_optimizer(config, schedule), learning_rate_fn=schedule)
 
 
-def initialise(init: Callable, *args):
-  """init(*args) jitted and compiled unoptimised on CPU: an initialisation runs once, and its
-  many random-number generators compile far longer optimised than they run unoptimised (the
-  model's, and those of the state methods keep in `extras`). Under a trace
-  (`abstract_train_state`) it is init(*args) itself: only its shapes are wanted."""
-  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
-    return init(*args)
-  lowered = jax.jit(init).lower(*args)
-  return lowered.compile(_FAST_COMPILE if jax.default_backend() == 'cpu' else None)(*args)
+def initialise(module: nn.Module, key: jax.Array, *inputs: jax.Array):
+  """module.init(key, *inputs, train=False), jitted and compiled unoptimised on CPU: an
+  initialisation runs once, and its many random-number generators compile far longer optimised
+  than they run unoptimised (the model's, and those of the state methods keep in `extras`).
+
+  The compiled program is kept for the process, one per module and input shapes (equal modules
+  share it): a resumed run, a later stage and the tools initialise the same network again
+  without tracing it. Under a trace (`abstract_train_state`) it is module.init itself: only its
+  shapes are wanted.
+  """
+  if any(isinstance(x, jax.core.Tracer) for x in (key, *inputs)):
+    return module.init(key, *inputs, train=False)
+  specs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (key, *inputs))
+  return _compiled_init(module, specs)(key, *inputs)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_init(module: nn.Module, specs: tuple[jax.ShapeDtypeStruct, ...]):
+  lowered = jax.jit(functools.partial(module.init, train=False)).lower(*specs)
+  return lowered.compile(_FAST_COMPILE if jax.default_backend() == 'cpu' else None)
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key: jax.Array,
@@ -155,8 +166,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, key:
 def _initial_variables(model: nn.Module, key: jax.Array, shape: tuple[int, ...]) -> dict:
   """The model's random initial variables for inputs of `shape` (batch_stats empty for a model
   without any)."""
-  variables = dict(initialise(functools.partial(model.init, train=False), key,
-                              jnp.zeros(shape, jnp.float32)))
+  variables = dict(initialise(model, key, jnp.zeros(shape, jnp.float32)))
   variables.setdefault('batch_stats', {})
   return variables
 

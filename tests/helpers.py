@@ -17,11 +17,14 @@ import pytest
 import tensorflow as tf
 
 from configs import toy
+from reco_jax import class_stats
 from reco_jax import defaults
 from reco_jax import methods
 from reco_jax import parallel
+from reco_jax import relations
 from reco_jax import state as state_lib
 from reco_jax import steps
+from reco_jax.methods import contrastive_pretraining
 from reco_jax.models import deeplab
 
 # ------------------------------------------------------------------ the tiny DeepLabV3+ steps
@@ -98,6 +101,12 @@ def jit_as_steps(fn, **kwargs):
   """jax.jit(fn) compiled as `compile_step` compiles steps: for what a test compares with them
   to a few ulps."""
   return jax.jit(fn, compiler_options=PRODUCTION_EMITTERS, **kwargs)
+
+
+def suite_step(config, model, mesh, state, batch, key):
+  """The train step compiled by the suite's cheaper emitters (conftest.py), for a test that
+  compares it with itself or with programs compiled the same way, never with golden values."""
+  return steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
 
 
 def compile_step(config, model, mesh, state, batch, key):
@@ -307,8 +316,9 @@ _TRAINER_BUILDS: dict[str, dict] = {}  # reused_trainer_compilations' cache, by 
 @contextlib.contextmanager
 def reused_trainer_compilations():
   """While the context lasts, trainer runs of equal configs in this process share their
-  models, optimisers and jitted steps, so that a rerun (a resumed, killed or preempted copy of
-  a run) neither traces nor compiles its train and eval steps again.
+  models, optimisers, jitted steps and evaluation functions, and the structure of their state,
+  so that a rerun (a resumed, killed or preempted copy of a run) neither traces nor compiles
+  them again.
 
   Only the building of pure functions of the config is cached (each keyed by the config's
   JSON): what a run computes, restores and writes is unchanged. A model is shared, not only an
@@ -340,6 +350,21 @@ def reused_trainer_compilations():
         state_lib.learning_rate_schedule, name))
     patch.setattr(state_lib, 'make_optimizer', memo(
         state_lib.make_optimizer, lambda config, schedule=None: (name(config), schedule)))
+    patch.setattr(state_lib, 'abstract_train_state', memo(
+        state_lib.abstract_train_state, lambda config, model, image_shape, mesh=None: (
+            name(config), model, tuple(image_shape), mesh)))
+    # The evaluation's jitted functions of a model (shared, as above), and the class
+    # statistics' step of such a function.
+    patch.setattr(relations, 'make_query_maps_fn', memo(relations.make_query_maps_fn,
+                                                        lambda model: model))
+    patch.setattr(relations, 'embeddings_fn', memo(
+        relations.embeddings_fn, lambda model, embeddings=relations.EMBEDDINGS: (
+            model, tuple(embeddings))))
+    patch.setattr(contrastive_pretraining, 'probe_embedding', memo(
+        contrastive_pretraining.probe_embedding, lambda network: network))
+    patch.setattr(class_stats, 'make_stats_step', memo(
+        class_stats.make_stats_step, lambda embed, num_classes, mesh=None: (
+            embed, num_classes, mesh)))
     yield
 
 
@@ -353,7 +378,6 @@ def trainer_compilations(cache_dir):
 def sigterm_at_call(monkeypatch, call: int):
   """Makes the process receive a real SIGTERM during its `call`-th training step."""
   import signal  # pylint: disable=g-import-not-at-top
-  from reco_jax import steps  # pylint: disable=g-import-not-at-top
   make_train_step = steps.make_train_step
   calls = []
 

@@ -275,14 +275,14 @@ def test_supervised_step_on_four_devices_writes_the_steps_representations_to_the
   mesh = parallel.make_mesh(jax.devices()[:4])
   state = jax.device_put(jax.tree.map(jnp.copy, initial), parallel.replicated(mesh))
   batch = parallel.shard_batch(mesh, np_batch)
-  step = helpers.compile_step(config, model, mesh, state, batch, key)
+  step = helpers.suite_step(config, model, mesh, state, batch, key)
   banks = []
   for _ in range(3):
     state, metrics = step(state, batch, key)
     assert reco_bank.NAME not in metrics and float(metrics['reco_loss']) > 0
     banks.append(jax.tree.map(np.asarray, state.extras[reco_bank.NAME]))
 
-  @helpers.jit_as_steps
+  @jax.jit
   def first_entries(variables):
     """What step 1 must have written, computed on the whole batch at once."""
     (_, rep), _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
@@ -337,7 +337,7 @@ def test_resumed_mean_teacher_run_with_bank_matches_uninterrupted_run(tmp_path):
   initial = jax.device_put(initial, parallel.replicated(mesh))
   batches = [parallel.shard_batch(mesh, make_batch(seed=i)) for i in range(4)]
   key = jax.random.key(9)
-  step = helpers.compile_step(config, model, mesh, initial, batches[0], key)
+  step = helpers.suite_step(config, model, mesh, initial, batches[0], key)
   copy = lambda state: jax.tree.map(jnp.copy, state)
 
   full = copy(initial)

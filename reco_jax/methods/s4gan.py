@@ -39,7 +39,6 @@ pseudo-labels S4GAN trusts, gated as Mean Teacher's are).
 Partial labels are not supported (`check_config`).
 """
 from collections.abc import Callable
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -107,9 +106,7 @@ def init_extras(config: ml_collections.ConfigDict, key: jax.Array,
   """
   del state  # The discriminator does not depend on the student's initialisation.
   dummy = jnp.zeros((1, 16, 16, int(config.num_classes) + 3), jnp.float32)
-  params = state_lib.initialise(
-      functools.partial(discriminator_lib.Discriminator().init, train=False), key,
-      dummy)['params']
+  params = state_lib.initialise(discriminator_lib.Discriminator(), key, dummy)['params']
   return {EXTRAS_KEY: {'params': params,
                        'opt_state': discriminator_optimizer(config).init(params)}}
 
