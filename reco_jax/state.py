@@ -221,14 +221,14 @@ def create_train_state_from(config: ml_collections.ConfigDict, model: nn.Module,
   tx = make_optimizer(config, schedule)
   params, batch_stats = variables['params'], variables['batch_stats']
   extras = _reco_bank_extras(config, model, variables, dummy)
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  opt_state, ema_params, ema_batch_stats = _fresh_optimizer_and_teacher(tx, params, batch_stats)
   state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       batch_stats=batch_stats,
-      opt_state=tx.init(params),
-      ema_params=copy(params),
-      ema_batch_stats=copy(batch_stats),
+      opt_state=opt_state,
+      ema_params=ema_params,
+      ema_batch_stats=ema_batch_stats,
       apply_fn=model.apply,
       tx=tx,
       learning_rate_fn=schedule,
@@ -242,6 +242,13 @@ def create_train_state_from(config: ml_collections.ConfigDict, model: nn.Module,
   if mesh is not None:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return state
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program, not a compiled operation per leaf
+def _fresh_optimizer_and_teacher(tx: optax.GradientTransformation, params, batch_stats):
+  """tx's initial state for `params`, and the teacher's copies of the student's variables."""
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  return tx.init(params), copy(params), copy(batch_stats)
 
 
 def _reco_bank_extras(config, model, variables, dummy) -> dict:
