@@ -131,8 +131,9 @@ def jax_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trainer_compilations(jax_cache_dir):  # pylint: disable=redefined-outer-name
-  """For a module's trainer runs: the worker's persistent XLA cache, and a rerun's model,
-  optimiser and steps reused (`helpers.reused_trainer_compilations`); then neither."""
+  """For a module's trainer runs: the worker's persistent XLA cache, a rerun's model,
+  optimiser and steps reused (`helpers.reused_trainer_compilations`), and streams that are not
+  autotuned (`helpers.streams_without_autotuning`); then none of these."""
   with helpers.trainer_compilations(jax_cache_dir):
     yield
 

@@ -9,6 +9,7 @@ from reco_jax.data import image_ops
 from reco_jax.data import pipeline
 from reco_jax.data import splits
 from reco_jax.data import toy
+import helpers
 
 NUM_CLASSES = toy.NUM_CLASSES
 
@@ -45,6 +46,24 @@ def test_train_batches_shapes_and_dtypes(builder):
   assert batch['image'].min() < -0.5 < 0.5 < batch['image'].max()
   u = next(unlabelled)
   assert set(u) == {'image'} and u['image'].shape == (2, 40, 48, 3)
+
+
+def test_users_streams_are_autotuned_and_the_suites_trainer_streams_give_the_same_batches(
+    builder):
+  """Trainer runs in the suite turn tf.data's autotuning off (helpers.trainer_compilations):
+  users' streams keep it, and the batches are the same either way."""
+  options = pipeline.dataset_options()
+  assert options.deterministic and options.autotune.enabled
+  tuned = _train(builder, seed=3)
+  with helpers.streams_without_autotuning():
+    assert not pipeline.dataset_options().autotune.enabled
+    untuned = _train(builder, seed=3)
+  assert pipeline.dataset_options().autotune.enabled
+  for stream in (0, 1):
+    for _ in range(3):
+      a, b = next(tuned[stream]), next(untuned[stream])
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_same_seed_same_batches_other_seed_differs(builder):

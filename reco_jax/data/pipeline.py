@@ -159,10 +159,17 @@ def _check_batch(name: str, batch: int, process_count: int) -> int:
   return batch // process_count
 
 
-def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+def dataset_options() -> tf.data.Options:
+  """Every stream's options: a deterministic order (a seed fixes the batches whatever the
+  parallelism), and tf.data's autotuning of parallelism and buffer sizes."""
   options = tf.data.Options()
   options.deterministic = True
-  return ds.with_options(options)
+  options.autotune.enabled = True
+  return options
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  return ds.with_options(dataset_options())
 
 
 @dataclasses.dataclass(frozen=True)
