@@ -63,6 +63,7 @@ import helpers  # noqa: E402  (after the device and XLA settings above)
 from reco_jax import data as data_lib  # noqa: E402
 from reco_jax import parallel  # noqa: E402
 from reco_jax import train  # noqa: E402
+from reco_jax.data import pipeline  # noqa: E402
 
 # Tracing allocates objects by the million, and each of Python's full collections walks every
 # object of the libraries loaded above, which live as long as the process: they leave the
@@ -114,6 +115,15 @@ if LoadScopeScheduling is not None:
     return _SharedWorkScheduling(config, log)
 
 
+@pytest.fixture(scope='session', autouse=True)
+def streams_without_autotuning():
+  """The input pipeline's streams in this process are not autotuned
+  (`helpers.PRODUCTION_DATASET_OPTIONS` says why)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(pipeline, 'dataset_options', helpers.dataset_options_without_autotuning)
+    yield
+
+
 @pytest.fixture(scope='session')
 def toy_data_dir(tmp_path_factory):
   """TFDS dir holding the 48/12-image 'reco_toy/tiny' dataset, built once per session."""
@@ -131,9 +141,8 @@ def jax_cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trainer_compilations(jax_cache_dir):  # pylint: disable=redefined-outer-name
-  """For a module's trainer runs: the worker's persistent XLA cache, a rerun's model,
-  optimiser and steps reused (`helpers.reused_trainer_compilations`), and streams that are not
-  autotuned (`helpers.streams_without_autotuning`); then none of these."""
+  """For a module's trainer runs: the worker's persistent XLA cache, and a rerun's model,
+  optimiser and steps reused (`helpers.reused_trainer_compilations`); then neither."""
   with helpers.trainer_compilations(jax_cache_dir):
     yield
 

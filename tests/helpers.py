@@ -369,34 +369,25 @@ def reused_trainer_compilations():
     yield
 
 
-@contextlib.contextmanager
-def streams_without_autotuning():
-  """While the context lasts, the input pipeline's streams are not autotuned.
+# Users' stream options (deterministic, autotuned). The suite's streams are not autotuned
+# (conftest.py): deleting an autotuned tf.data iterator waits for its autotuning thread, up to
+# that thread's optimisation period, which grows while the iterator lives. A finished,
+# preempted or failed run's training streams took up to 7.5 s each to delete (measured with the
+# suite's two workers busy), and garbage collection stalled later tests on abandoned streams.
+# The batches are the same either way (tests/test_pipeline.py).
+PRODUCTION_DATASET_OPTIONS = pipeline.dataset_options
 
-  Deleting an autotuned tf.data iterator waits for its autotuning thread, up to that thread's
-  optimisation period, which grows while the iterator lives: a finished, preempted or failed
-  run's training streams took up to 7.5 s each to delete (measured with the suite's two workers
-  busy), and garbage collection later stalled tests that had nothing to do with them. The
-  streams' contents are the same either way (`pipeline.dataset_options`: deterministic).
-  """
-  production = pipeline.dataset_options
 
-  def options():
-    options = production()
-    options.autotune.enabled = False
-    return options
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pipeline, 'dataset_options', options)
-    yield
+def dataset_options_without_autotuning():
+  options = PRODUCTION_DATASET_OPTIONS()
+  options.autotune.enabled = False
+  return options
 
 
 @contextlib.contextmanager
 def trainer_compilations(cache_dir):
-  """A persistent XLA cache in `cache_dir`, reused trainer compilations and streams that are
-  not autotuned (`streams_without_autotuning`), while it lasts."""
-  with (persistent_compilation_cache(cache_dir, 0.0), reused_trainer_compilations(),
-        streams_without_autotuning()):
+  """A persistent XLA cache in `cache_dir` and reused trainer compilations, while it lasts."""
+  with persistent_compilation_cache(cache_dir, 0.0), reused_trainer_compilations():
     yield
 
 
