@@ -17,16 +17,43 @@ os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_llvm_disable_expensive_passes=true',
                                     '--xla_cpu_use_fusion_emitters=false']).strip()
 
-import filelock  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import tolerances  # noqa: E402
 
-jax.config.update('jax_num_cpu_devices', 4)
-jax.config.update('jax_threefry_partitionable', True)
+def pytest_configure(config):
+  """In every process that runs tests: 4 simulated CPU devices (before any device use), the
+  libraries and the suite's helpers loaded, and Python's collector set for them.
+
+  The xdist controller runs no test and skips this: it would spend 4 s importing jax,
+  TensorFlow and the package before it starts the workers.
+  """
+  if getattr(config.option, 'dist', 'no') != 'no' and not hasattr(config, 'workerinput'):
+    return
+  # pylint: disable=global-variable-undefined,import-outside-toplevel,redefined-outer-name
+  global filelock, jax, jnp, np, tolerances, helpers, data_lib, parallel, train, pipeline
+  import filelock
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import tolerances
+
+  jax.config.update('jax_num_cpu_devices', 4)
+  jax.config.update('jax_threefry_partitionable', True)
+  if os.environ.get('RECO_JAX_TOLERANCE_LOG'):
+    _record_tolerance_ratios()
+
+  import helpers  # after the device and XLA settings above
+  from reco_jax import data as data_lib
+  from reco_jax import parallel
+  from reco_jax import train
+  from reco_jax.data import pipeline
+
+  # Tracing allocates objects by the million, and each of Python's full collections walks
+  # every object of the libraries loaded above, which live as long as the process: they leave
+  # the collector's view, and it runs less often (6 % of the suite's CPU time).
+  gc.freeze()
+  gc.set_threshold(200_000, 50, 50)
 
 
 def _record_tolerance_ratios():
@@ -53,23 +80,6 @@ def _record_tolerance_ratios():
 
   np.testing.assert_allclose = recording_assert_allclose
   approx_scalar.__eq__ = recording_eq
-
-
-if os.environ.get('RECO_JAX_TOLERANCE_LOG'):
-  _record_tolerance_ratios()
-
-
-import helpers  # noqa: E402  (after the device and XLA settings above)
-from reco_jax import data as data_lib  # noqa: E402
-from reco_jax import parallel  # noqa: E402
-from reco_jax import train  # noqa: E402
-from reco_jax.data import pipeline  # noqa: E402
-
-# Tracing allocates objects by the million, and each of Python's full collections walks every
-# object of the libraries loaded above, which live as long as the process: they leave the
-# collector's view, and it runs less often (6 % of the suite's CPU time).
-gc.freeze()
-gc.set_threshold(200_000, 50, 50)
 
 
 def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
