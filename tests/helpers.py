@@ -92,10 +92,11 @@ _OPTIMIZERS = {}
 PRODUCTION_EMITTERS = {'xla_cpu_use_fusion_emitters': True}
 
 
-def uncached_step(config, model, mesh, state, batch, key, method=None):
+def uncached_step(config, model, mesh, state, batch, key, method=None,
+                  compiler_options=PRODUCTION_EMITTERS):
   """The train step compiled as users' programs are (`PRODUCTION_EMITTERS`), every call anew."""
   return steps.make_train_step(config, model, mesh, method=method).lower(
-      state, batch, key).compile(PRODUCTION_EMITTERS)
+      state, batch, key).compile(compiler_options)
 
 
 def jit_as_steps(fn, **kwargs):
@@ -107,7 +108,7 @@ def jit_as_steps(fn, **kwargs):
 def suite_step(config, model, mesh, state, batch, key):
   """The train step compiled by the suite's cheaper emitters (conftest.py), for a test that
   compares it with itself or with programs compiled the same way, never with golden values."""
-  return steps.make_train_step(config, model, mesh).lower(state, batch, key).compile()
+  return uncached_step(config, model, mesh, state, batch, key, compiler_options=None)
 
 
 def compile_step(config, model, mesh, state, batch, key):
