@@ -322,14 +322,16 @@ def test_missing_manual_dir_names_the_expected_layout(tmp_path, name, expected):
 
 
 def test_ordered_map_keeps_order_in_threads_and_raises():
-  threads = set()
+  # The first three items wait for each other, so they must run in three threads at once (a
+  # set of the threads that ran items is not enough: one fast thread may take them all).
+  all_three_started = threading.Barrier(3, timeout=30)
 
   def square(x):
-    threads.add(threading.get_ident())
+    if x < 3:
+      all_three_started.wait()
     return x * x
 
   assert list(raw_io.ordered_map(square, range(50), num_threads=3)) == [x * x for x in range(50)]
-  assert len(threads) > 1
 
   def fail_on_7(x):
     if x == 7:
