@@ -111,7 +111,8 @@ class FakeHub:
 
     self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
     self.url = f'http://127.0.0.1:{self._server.server_address[1]}'
-    self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever's next poll: 0.5 s by default, in every test.
+    self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
     self._thread.start()
 
   def stop(self):
