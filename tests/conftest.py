@@ -30,7 +30,7 @@ def pytest_configure(config):
   if getattr(config.option, 'dist', 'no') != 'no' and not hasattr(config, 'workerinput'):
     return
   # pylint: disable=global-variable-undefined,import-outside-toplevel,redefined-outer-name
-  global filelock, jax, jnp, np, tolerances, helpers, data_lib, parallel, train, pipeline
+  global filelock, jax, jnp, np, tolerances, helpers, data_lib, parallel, train
   import filelock
   import jax
   import jax.numpy as jnp
@@ -47,7 +47,6 @@ def pytest_configure(config):
   from reco_jax import data as data_lib
   from reco_jax import parallel
   from reco_jax import train
-  from reco_jax.data import pipeline
 
   # Tracing allocates objects by the million, and each of Python's full collections walks
   # every object of the libraries loaded above, which live as long as the process: they leave
@@ -123,15 +122,6 @@ if LoadScopeScheduling is not None:
 
   def pytest_xdist_make_scheduler(config, log):
     return _SharedWorkScheduling(config, log)
-
-
-@pytest.fixture(scope='session', autouse=True)
-def streams_without_autotuning():
-  """The input pipeline's streams in this process are not autotuned
-  (`helpers.PRODUCTION_DATASET_OPTIONS` says why)."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(pipeline, 'dataset_options', helpers.dataset_options_without_autotuning)
-    yield
 
 
 @pytest.fixture(scope='session')

@@ -24,7 +24,6 @@ from reco_jax import parallel
 from reco_jax import relations
 from reco_jax import state as state_lib
 from reco_jax import steps
-from reco_jax.data import pipeline
 from reco_jax.methods import contrastive_pretraining
 from reco_jax.models import deeplab
 
@@ -368,21 +367,6 @@ def reused_trainer_compilations():
         class_stats.make_stats_step, lambda embed, num_classes, mesh=None: (
             embed, num_classes, mesh)))
     yield
-
-
-# Users' stream options (deterministic, autotuned). The suite's streams are not autotuned
-# (conftest.py): deleting an autotuned tf.data iterator waits for its autotuning thread, up to
-# that thread's optimisation period, which grows while the iterator lives. A finished,
-# preempted or failed run's training streams took up to 7.5 s each to delete (measured with the
-# suite's two workers busy), and garbage collection stalled later tests on abandoned streams.
-# The batches are the same either way (tests/test_pipeline.py).
-PRODUCTION_DATASET_OPTIONS = pipeline.dataset_options
-
-
-def dataset_options_without_autotuning():
-  options = PRODUCTION_DATASET_OPTIONS()
-  options.autotune.enabled = False
-  return options
 
 
 @contextlib.contextmanager
