@@ -93,7 +93,8 @@ PRODUCTION_EMITTERS = {'xla_cpu_use_fusion_emitters': True}
 
 def uncached_step(config, model, mesh, state, batch, key, method=None,
                   compiler_options=PRODUCTION_EMITTERS):
-  """The train step compiled as users' programs are (`PRODUCTION_EMITTERS`), every call anew."""
+  """The train step compiled every call anew, by default as users' programs are
+  (`PRODUCTION_EMITTERS`); `compiler_options=None` gives the suite's emitters (`suite_step`)."""
   return steps.make_train_step(config, model, mesh, method=method).lower(
       state, batch, key).compile(compiler_options)
 
